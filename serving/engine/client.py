@@ -1,0 +1,65 @@
+"""The EngineClient interface the services call; the in-process engine and upstreams implement it."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from serving.engine.types import EngineInfo, SamplingParams, ScoreResult, StepOutput
+
+
+class EngineClient(ABC):
+    """A policy model that generates. Implementations: LocalEngineClient (in-process torch)."""
+
+    @property
+    @abstractmethod
+    def model_version(self) -> str:
+        """Version of the weights that new requests will run on."""
+
+    @abstractmethod
+    def info(self) -> EngineInfo: ...
+
+    @abstractmethod
+    def render_chat(self, messages: list[dict]) -> str:
+        """Apply the model's chat template (with the generation prompt) to OpenAI-style messages."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+    @abstractmethod
+    def generate(self, prompt: str, params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+        """Stream the outputs of one request. Raises Overloaded when the queue is full (before the
+        first output), ValidationError for prompts over the limits. Closing the iterator early
+        (client disconnect) cancels the request and frees its batch slot."""
+
+    @abstractmethod
+    def stats(self) -> dict:
+        """Live numbers: queue size and running batch size."""
+
+    async def start(self) -> None:  # pragma: no cover - default no-op
+        """Start background work (the decode loop)."""
+
+    async def stop(self) -> None:  # pragma: no cover - default no-op
+        """Stop background work; pending requests fail with EngineUnavailable."""
+
+
+class RewardClient(ABC):
+    """A reward model that scores (prompt, response) pairs."""
+
+    @property
+    @abstractmethod
+    def model_version(self) -> str: ...
+
+    @property
+    @abstractmethod
+    def trained(self) -> bool:
+        """False when the scalar head is untrained (initialised from the policy at start-up)."""
+
+    @abstractmethod
+    async def score(self, pairs: list[tuple[str | list[dict], str]]) -> ScoreResult:
+        """Score each (prompt or chat messages, response) pair; higher is better."""
+
+    async def start(self) -> None:  # pragma: no cover
+        ...
+
+    async def stop(self) -> None:  # pragma: no cover
+        ...

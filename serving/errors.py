@@ -1,0 +1,41 @@
+"""Errors the engine and services raise; each transport maps them to its own format and status."""
+from __future__ import annotations
+
+
+class FeedloopError(Exception):
+    """Base class. `status` is the HTTP status; `kind` is TGI's error_type."""
+
+    status = 500
+    kind = "internal"
+
+
+class ValidationError(FeedloopError):
+    """The request is malformed or a parameter is out of range (client's mistake)."""
+
+    status = 422
+    kind = "validation"
+
+
+class PromptTooLong(ValidationError):
+    """The prompt (or prompt + max_new_tokens) exceeds the engine's limits."""
+
+
+class Overloaded(FeedloopError):
+    """The waiting queue is full; the client should retry later."""
+
+    status = 429
+    kind = "overloaded"
+
+
+class GenerationError(FeedloopError):
+    """The engine failed while generating (TGI answers these with 424)."""
+
+    status = 424
+    kind = "generation"
+
+
+class EngineUnavailable(FeedloopError):
+    """The engine is not running (starting up or shut down)."""
+
+    status = 503
+    kind = "unavailable"

@@ -1,0 +1,39 @@
+"""One typed settings object for the gateway: environment variables (FEEDLOOP_*) and CLI flags."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory: $XDG_DATA_HOME/feedloop, else ~/.local/share/feedloop."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "feedloop"
+
+
+class ServingSettings(BaseSettings):
+    """Everything `feedloop serve` reads. Flags override environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="FEEDLOOP_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="All feedloop writes go under here.")
+    model: str | None = Field(None, description="Policy checkpoint directory (HF format). None: the bundled SmolLM2.")
+    reward_model: str | None = Field(
+        None, description="Reward checkpoint directory (sequence-classification head, 1 label). "
+        "None: an untrained one initialised from the policy.")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int | None = Field(50051, ge=0, le=65535, description="None disables gRPC.")
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    dtype: str = Field("auto", description="auto (fp32 on CPU, bf16 on CUDA) | float32 | bfloat16 | float16")
+    max_batch_size: int = Field(32, ge=1, description="Requests decoded together in one step.")
+    max_queue: int = Field(128, ge=0, description="Waiting requests beyond the running batch; more get 429.")
+    max_input_tokens: int = Field(2048, ge=1)
+    max_total_tokens: int = Field(4096, ge=2, description="Prompt + generated tokens per request.")
+    max_new_tokens_default: int = Field(100, ge=1, description="When a request does not say.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Bigger request bodies get 413.")
+    max_score_batch: int = Field(64, ge=1, description="Most (prompt, response) pairs in one /v1/score call.")
+    served_model_name: str | None = Field(None, description="Name in /v1/models; default: the model directory's name.")
