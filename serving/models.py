@@ -37,6 +37,17 @@ def bundled_gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
 
 
+def load_bundled_tokenizer():
+    """The bundled SmolLM2 tokenizer (with its chat template), read from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    gguf = bundled_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, legacy=False)
+    tokenizer.eos_token = CHAT_EOS_TOKEN
+    tokenizer.pad_token = CHAT_EOS_TOKEN
+    return tokenizer
+
+
 def ensure_bundled_model(data_dir: Path) -> Path:
     """Return the cached safetensors copy of the bundled SmolLM2, dequantising the GGUF first if needed."""
     target = Path(data_dir) / "models" / BUNDLED_NAME
@@ -47,23 +58,20 @@ def ensure_bundled_model(data_dir: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = load_bundled_tokenizer()
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model loaded from GGUF (its quantizer stays attached), so build a
     # clean model from the config and load the dequantised tensors into it.
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    eos_id = tokenizer.convert_tokens_to_ids(CHAT_EOS_TOKEN)
+    eos_id = tokenizer.eos_token_id
     config.eos_token_id = eos_id
     config.pad_token_id = eos_id
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantised.state_dict())
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    tokenizer.eos_token = CHAT_EOS_TOKEN
-    tokenizer.pad_token = CHAT_EOS_TOKEN
-
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
