@@ -1,0 +1,61 @@
+"""Assembles the gateway: loads models, builds the services once, runs HTTP and gRPC together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from serving.engine.local import LocalEngineClient, LocalRewardClient
+from serving.models import ensure_bundled_model, load_policy, load_reward
+from serving.services import Services
+from serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_policy_path(settings: ServingSettings) -> Path:
+    """The policy checkpoint to serve: --model, else the bundled SmolLM2 (dequantised once)."""
+    if settings.model:
+        return Path(settings.model)
+    return ensure_bundled_model(settings.data_dir)
+
+
+def build_services(settings: ServingSettings) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    policy = load_policy(resolve_policy_path(settings), settings.device, settings.dtype)
+    reward = load_reward(Path(settings.reward_model) if settings.reward_model else None, policy,
+                         settings.device, settings.dtype)
+    if not reward.trained:
+        log.warning("reward model is untrained (initialised from the policy): its scores are not meaningful",
+                    extra={"fl_reward_model_version": reward.model_version})
+    engine = LocalEngineClient(policy, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
+                               max_input_tokens=settings.max_input_tokens,
+                               max_total_tokens=settings.max_total_tokens)
+    return Services.build(settings, engine, LocalRewardClient(reward, max_length=settings.max_total_tokens))
+
+
+async def serve(settings: ServingSettings, services: Services | None = None) -> None:
+    """Run until interrupted (SIGINT/SIGTERM via uvicorn)."""
+    import uvicorn
+
+    from serving.grpc.server import start_grpc_server
+    from serving.http.app import create_app
+
+    services = services or await asyncio.to_thread(build_services, settings)
+    await services.start()
+    grpc_server = None
+    try:
+        if settings.grpc_port is not None:
+            grpc_server = await start_grpc_server(services, settings.host, settings.grpc_port)
+        app = create_app(services)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                timeout_graceful_shutdown=10)
+        log.info("serving", extra={"fl_http": f"http://{settings.host}:{settings.port}",
+                                   "fl_grpc": f"{settings.host}:{settings.grpc_port}" if grpc_server else None,
+                                   "fl_model_version": services.engine.model_version,
+                                   "fl_reward_model_version": services.reward.model_version})
+        await uvicorn.Server(config).serve()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+        await services.stop()
