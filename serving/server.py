@@ -38,7 +38,7 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     """Run until interrupted (SIGINT/SIGTERM via uvicorn)."""
     import uvicorn
 
-    from serving.grpc.server import start_grpc_server
+    from serving.grpc.server import start_grpc_server, stop_grpc_server
     from serving.http.app import create_app
 
     services = services or await asyncio.to_thread(build_services, settings)
@@ -51,11 +51,11 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                 timeout_graceful_shutdown=10)
         log.info("serving", extra={"fl_http": f"http://{settings.host}:{settings.port}",
-                                   "fl_grpc": f"{settings.host}:{settings.grpc_port}" if grpc_server else None,
+                                   "fl_grpc": f"{settings.host}:{grpc_server.bound_port}" if grpc_server else None,
                                    "fl_model_version": services.engine.model_version,
                                    "fl_reward_model_version": services.reward.model_version})
         await uvicorn.Server(config).serve()
     finally:
         if grpc_server is not None:
-            await grpc_server.stop(grace=5)
+            await stop_grpc_server(grpc_server, grace=5)
         await services.stop()

@@ -60,7 +60,10 @@ class LocalEngineClient(EngineClient):
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(item) -> None:  # engine thread → event loop
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+                req.cancelled = True
 
         req = Request(request_id, self._encode(prompt), params, emit)
         self.engine.submit(req)  # raises PromptTooLong / Overloaded before anything is streamed
