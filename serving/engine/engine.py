@@ -148,59 +148,87 @@ class LocalEngine:
         with self._cv:
             if any(r.cancelled for r in self._waiting):
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
-        # 2. admit: prefill newcomers one by one within a token budget
-        budget = self.prefill_token_budget
-        while len(self._running) < self.max_batch_size and budget > 0:
-            with self._cv:
-                if not self._waiting:
-                    break
+            # 2. admit newcomers while slots are free, within a prefill token budget
+            newcomers, budget = [], self.prefill_token_budget
+            while self._waiting and len(self._running) + len(newcomers) < self.max_batch_size and budget > 0:
                 req = self._waiting.popleft()
-            budget -= len(req.prompt_ids)
-            self._prefill(req)
-        # 3-4. one decode step for everyone running
+                budget -= len(req.prompt_ids)
+                newcomers.append(req)
+        if newcomers:  # their first tokens go out before the decode step, for a short TTFT
+            self._emit(self._prefill(newcomers))
+        # 3-4. one decode step for everyone running (newcomers included)
         if self._running:
-            self._decode()
+            self._emit(self._decode())
         self.steps += 1
 
-    def _prefill(self, req: Request) -> None:
-        params = req.params
-        if not params.greedy:
-            req.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
-            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        req.seen_ids = ids[0]
-        req.detok = IncrementalDetokenizer(self.tokenizer, self.special_ids)
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        logits = out.logits[0, -1].float()  # (V,)
-        token = self._accept(req, logits)
-        if req.finished:
-            return
-        if self._cache is None:
-            self._cache = BatchKVCache(len(out.past_key_values.layers), self.max_batch_size)
-        self._cache.add(out.past_key_values)
-        self._running.append(req)
-        new_tok = torch.tensor([token], device=self.device)
-        new_pos = torch.tensor([len(req.prompt_ids)], device=self.device)
-        if self._last_tokens is None or len(self._running) == 1:
-            self._last_tokens, self._positions = new_tok, new_pos
-        else:
-            self._last_tokens = torch.cat([self._last_tokens, new_tok])
-            self._positions = torch.cat([self._positions, new_pos])
+    @staticmethod
+    def _emit(results: list[tuple[Request, StepOutput]]) -> None:
+        for req, out in results:
+            if not req.cancelled:
+                req.emit(out)
 
-    def _decode(self) -> None:
+    def _prefill(self, reqs: list[Request]) -> list[tuple[Request, StepOutput]]:
+        """Prefill newcomers in one forward (left-padded when there are several) and choose each
+        one's first token; those not finished join the running batch."""
+        for req in reqs:
+            params = req.params
+            if not params.greedy:
+                req.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
+                req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+            req.seen_ids = torch.tensor(req.prompt_ids, device=self.device)
+            req.detok = IncrementalDetokenizer(self.tokenizer, self.special_ids)
+        longest = max(len(r.prompt_ids) for r in reqs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(reqs), longest), pad, dtype=torch.long, device=self.device)  # (k, L)
+        mask = torch.zeros_like(ids)
+        for j, req in enumerate(reqs):
+            ids[j, longest - len(req.prompt_ids):] = torch.tensor(req.prompt_ids, device=self.device)
+            mask[j, longest - len(req.prompt_ids):] = 1
+        if len(reqs) == 1:  # alone: exactly the call HF generate makes for this prompt
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logits = out.logits[:, -1].float()  # (k, V)
+        logprobs = torch.log_softmax(logits, -1)
+        results = []
+        for j, req in enumerate(reqs):
+            token_id, output = self._accept(req, logits[j], logprobs[j])
+            results.append((req, output))
+            if req.finished:
+                continue
+            if self._cache is None:
+                self._cache = BatchKVCache(len(out.past_key_values.layers), self.max_batch_size)
+            self._cache.add(out.past_key_values, row=j, length=len(req.prompt_ids))
+            self._running.append(req)
+            new_tok = torch.tensor([token_id], device=self.device)
+            new_pos = torch.tensor([len(req.prompt_ids)], device=self.device)
+            if len(self._running) == 1:
+                self._last_tokens, self._positions = new_tok, new_pos
+            else:
+                self._last_tokens = torch.cat([self._last_tokens, new_tok])
+                self._positions = torch.cat([self._positions, new_pos])
+        return results
+
+    def _decode(self) -> list[tuple[Request, StepOutput]]:
+        """One decode step for the running batch: a single forward of (B, 1) tokens."""
         cache = self._cache
         mask = cache.step_mask()  # (B, T+1)
         out = self.model(input_ids=self._last_tokens[:, None], attention_mask=mask,
                          position_ids=self._positions[:, None], past_key_values=cache.cache, use_cache=True)
         cache.after_step()
         logits = out.logits[:, -1].float()  # (B, V)
-        chosen = []
+        logprobs = torch.log_softmax(logits, -1)
+        chosen, results = [], []
         for i, req in enumerate(self._running):
-            chosen.append(self._accept(req, logits[i]))
+            token_id, output = self._accept(req, logits[i], logprobs[i])
+            chosen.append(token_id)
+            results.append((req, output))
         self._last_tokens = torch.tensor(chosen, device=self.device)
         self._positions = self._positions + 1
         for req in [r for r in self._running if r.finished]:
             self._leave(req)
+        return results
 
     def _leave(self, req: Request) -> None:
         row = self._running.index(req)
@@ -215,11 +243,11 @@ class LocalEngine:
         self._positions = self._positions[:last]
         req.finished = True
 
-    def _accept(self, req: Request, logits: torch.Tensor) -> int:
-        """Choose the next token of `req` from its logits (V,), stream it, and decide if it is done."""
+    def _accept(self, req: Request, logits: torch.Tensor, logprobs: torch.Tensor) -> tuple[int, StepOutput]:
+        """Choose the next token of `req` from its logits (V,), detokenise it and decide if it is done."""
         params = req.params
         token_id = choose_token(logits, params, req.seen_ids, req.generator)
-        logprob = float(torch.log_softmax(logits, -1)[token_id]) if params.logprobs else 0.0
+        logprob = float(logprobs[token_id]) if params.logprobs else 0.0
         req.generated.append(token_id)
         if params.repetition_penalty not in (None, 1.0):
             req.seen_ids = torch.cat([req.seen_ids, torch.tensor([token_id], device=self.device)])
@@ -250,9 +278,7 @@ class LocalEngine:
             output.generated_tokens = len(req.generated)
             output.prompt_tokens = len(req.prompt_ids)
             output.seed = req.seed
-        if not req.cancelled:
-            req.emit(output)
-        return token_id
+        return token_id, output
 
 
 def _find_stop(text: str, stops: tuple[str, ...], new_chars: int) -> int | None:

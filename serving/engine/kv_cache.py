@@ -96,16 +96,19 @@ class BatchKVCache:
             layer.refresh_views()
 
     # -- batch membership -------------------------------------------------------------------------
-    def add(self, prefill: DynamicCache) -> int:
-        """Copy a batch-1 prefill cache into a new row; returns the row index."""
+    def add(self, prefill: DynamicCache, row: int = 0, length: int | None = None) -> int:
+        """Copy row `row` of a (left-padded) prefill cache into a new batch row; only its last
+        `length` columns (the real tokens) are taken. Returns the new row's index."""
         assert self.rows < self.batch_cap
         first = _layer_kv(prefill, 0)[0]
+        src_row = row
         if self.mask is None:
             for layer in self.layers:
                 layer.allocate(first)
             self.mask = torch.zeros(self.batch_cap, self.layers[0].length_cap, dtype=torch.long,
                                     device=first.device)
-        new_len = first.shape[-2]
+        new_len = first.shape[-2] if length is None else length
+        src_start = first.shape[-2] - new_len
         if new_len > self.length:
             self._shift_right(new_len - self.length)
         row, start = self.rows, self.length - new_len
@@ -114,8 +117,8 @@ class BatchKVCache:
             k, v = _layer_kv(prefill, i)
             layer.buf_k[row, :, :start] = 0
             layer.buf_v[row, :, :start] = 0
-            layer.buf_k[row, :, start: self.length] = k[0]
-            layer.buf_v[row, :, start: self.length] = v[0]
+            layer.buf_k[row, :, start: self.length] = k[src_row, :, src_start:]
+            layer.buf_v[row, :, start: self.length] = v[src_row, :, src_start:]
         self.mask[row, :start] = 0
         self.mask[row, start: self.length] = 1
         self.rows += 1
