@@ -73,9 +73,10 @@ def verify_checkpoint(directory: Path) -> list[str]:
     return bad
 
 
-def write_checkpoint(final_dir: Path, save_files, manifest: dict) -> Path:
+def write_checkpoint(final_dir: Path, save_files, manifest) -> Path:
     """Write a checkpoint atomically. `save_files(tmp_dir)` writes the HF files; then the manifest
-    (with checksums) is written and the directory renamed to `final_dir`."""
+    (a dict, or a function of the file checksums giving one) is written with the checksums, and
+    the directory renamed to `final_dir`."""
     final_dir = Path(final_dir)
     if final_dir.exists():
         raise FileExistsError(f"checkpoint {final_dir} exists; checkpoints are immutable")
@@ -84,7 +85,9 @@ def write_checkpoint(final_dir: Path, save_files, manifest: dict) -> Path:
     tmp.mkdir()
     try:
         save_files(tmp)
-        full = {"format": MANIFEST_FORMAT, "created_at": time.time(), **manifest, "files": checksums(tmp)}
+        files = checksums(tmp)
+        fields = manifest(files) if callable(manifest) else manifest
+        full = {"format": MANIFEST_FORMAT, "created_at": time.time(), **fields, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
         os.replace(tmp, final_dir)
     except BaseException:

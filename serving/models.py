@@ -56,7 +56,7 @@ def ensure_bundled_model(data_dir: Path) -> Path:
     gguf = bundled_gguf_path()
     log.info("dequantising %s into %s (once)", gguf.name, target)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     tokenizer = load_bundled_tokenizer()
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -72,20 +72,20 @@ def ensure_bundled_model(data_dir: Path) -> Path:
     model.load_state_dict(quantised.state_dict())
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos_id, pad_token_id=eos_id)
+
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    from serving.checkpoint import weights_fingerprint  # noqa: F401  (version computed after write)
-    final = write_checkpoint(target, save, {"stage": "base", "source": f"{BUNDLED_PACKAGE}/{BUNDLED_GGUF}",
-                                            "parent_version": None})
-    # The version names the weights: the hash of the dequantised tensors.
-    from serving.checkpoint import MANIFEST
-    import json
-    manifest = read_manifest(final)
-    manifest["model_version"] = f"{BUNDLED_NAME}-{manifest['files']['model.safetensors'][:12]}"
-    (final / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return final
+    def manifest(files: dict[str, str]) -> dict:
+        # The version names the weights: the hash of the dequantised tensors.
+        return {"stage": "base", "source": f"{BUNDLED_PACKAGE}/{BUNDLED_GGUF}", "parent_version": None,
+                "model_version": f"{BUNDLED_NAME}-{files['model.safetensors'][:12]}"}
+
+    try:
+        return write_checkpoint(target, save, manifest)
+    except FileExistsError:  # another process finished the same dequantisation first
+        return target
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto"):

@@ -1,0 +1,109 @@
+"""OpenAI-compatible routes: `/v1/chat/completions`, `/v1/completions`, `/v1/models[/{id}]`.
+
+Works with the `openai` client unchanged. Errors use OpenAI's body and 400 for bad requests (see
+serving.http.errors).
+"""
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from serving.engine.types import SamplingParams
+from serving.http.dependencies import ServicesDep, completion_headers, served_model_name
+from serving.http.errors import InvalidParam
+from serving.http.openai_output import chat_completion, stream_chunks, text_completion
+from serving.http.schemas.openai import (ChatCompletionRequest, ChatTemplateError, CompletionRequest,
+                                         flatten_messages)
+from serving.http.sse import EventStreamResponse
+from serving.services import Services
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_STARTED = int(time.time())
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
+
+
+ERRORS: dict = {code: {"model": OpenAIErrorBody, "description": text} for code, text in [
+    (400, "Invalid request (bad or unsupported parameter, prompt too long)"), (413, "Request body too large"),
+    (429, "Model is overloaded: retry later"), (500, "Generation failed"), (503, "Engine unavailable")]}
+_OK = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+             "description": "The answer, or server-sent chunks when `stream` is true"}}
+
+
+@router.post("/chat/completions", responses={**_OK, **ERRORS})
+async def chat_completions(body: ChatCompletionRequest, services: ServicesDep):
+    prompt = _render_chat(body, services)
+    params = body.sampling(**_limits(services))
+    return await _answer(services, "chat", "/v1/chat/completions", prompt, params, body, bool(body.logprobs), "")
+
+
+@router.post("/completions", responses={**_OK, **ERRORS})
+async def completions(body: CompletionRequest, services: ServicesDep):
+    params = body.sampling(**_limits(services))
+    prompt = body.prompt_text
+    return await _answer(services, "text", "/v1/completions", prompt, params, body, body.logprobs == 0,
+                         prompt if body.echo else "")
+
+
+@router.get("/models")
+async def list_models(services: ServicesDep) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model_card(services)]})
+
+
+@router.get("/models/{model_id:path}", responses={404: {"model": OpenAIErrorBody}})
+async def get_model(model_id: str, services: ServicesDep) -> JSONResponse:
+    card = _model_card(services)
+    if model_id != card["id"]:
+        return JSONResponse({"error": {"message": f"The model `{model_id}` does not exist",
+                                       "type": "invalid_request_error", "param": "model",
+                                       "code": "model_not_found"}}, status_code=404)
+    return JSONResponse(card)
+
+
+# -- helpers of these routes ----------------------------------------------------------------------
+
+def _limits(services: Services) -> dict:
+    return {"default_max_new_tokens": services.settings.max_new_tokens_default,
+            "max_total_tokens": services.engine.info().max_total_tokens}
+
+
+def _render_chat(body: ChatCompletionRequest, services: Services) -> str:
+    messages = flatten_messages(body.messages)
+    try:
+        return services.engine.render_chat(messages)
+    except ChatTemplateError as exc:
+        raise InvalidParam(f"the model's chat template refused these messages: {exc}", "messages") from exc
+
+
+async def _answer(services: Services, kind: str, path: str, prompt: str, params: SamplingParams,
+                  body: ChatCompletionRequest | CompletionRequest, logprobs: bool, echo: str):
+    model = served_model_name(services)
+    stops = params.stop
+    if body.stream:
+        stream = await services.generation.stream(prompt, params)
+        events = stream_chunks(stream, kind=kind, path=path, model=model, stops=stops, logprobs=logprobs,
+                               include_usage=body.include_usage, echo=echo)
+        return EventStreamResponse(events, headers=completion_headers(stream.completion_id, stream.model_version))
+    c = await services.generation.complete(prompt, params)
+    answer = (chat_completion(c, model=model, stops=stops, logprobs=logprobs) if kind == "chat"
+              else text_completion(c, model=model, stops=stops, logprobs=logprobs, echo=echo))
+    return JSONResponse(answer, headers=completion_headers(c.completion_id, c.model_version))
+
+
+def _model_card(services: Services) -> dict:
+    info = services.engine.info()
+    return {"id": served_model_name(services), "object": "model", "created": _STARTED, "owned_by": "feedloop",
+            "model_version": info.model_version, "max_model_len": info.max_total_tokens}
