@@ -162,6 +162,12 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     elif exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"method {method} is not allowed on {path} (allowed: {allowed})"
+    elif exc.status_code == 400:
+        # FastAPI's answer to a body it cannot even decode (e.g. bytes that are not UTF-8): to the
+        # client it is malformed JSON, so it gets the route's validation status and wording.
+        err = ApiError(validation_status(path), f"the request body is not valid JSON ({exc.detail})",
+                       "validation", None, "invalid_json")
+        return error_response(path, err, headers=exc.headers)
     else:
         message = str(exc.detail)
     kind = _HTTP_KIND.get(exc.status_code, "validation" if exc.status_code < 500 else "internal")
