@@ -78,6 +78,19 @@ def test_disconnect_frees_the_slot_at_once(slow_server, path, body):
     assert 'feedloop_requests_total{model_version="fake-v1",outcome="cancelled"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/generate", SLOW),
+    ("/", SLOW),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 50}),
+    ("/v1/completions", {"prompt": "a b", "max_tokens": 50}),
+])
+def test_client_timeout_on_a_whole_answer_frees_the_slot(slow_server, path, body):
+    url, engine = slow_server
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, json=body, timeout=0.5)
+    assert wait_for(lambda: engine.running == 0, timeout=1.5)
+
+
 class FailingEngine(FakeEngine):
     """Streams two tokens, then fails as the engine does when a decode step breaks."""
 

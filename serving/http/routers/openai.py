@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from serving.engine.types import SamplingParams
 from serving.http.dependencies import ServicesDep, completion_headers, served_model_name
+from serving.http.disconnect import unless_disconnected
 from serving.http.errors import InvalidParam
 from serving.http.openai_output import chat_completion, stream_chunks, text_completion
 from serving.http.schemas.openai import (ChatCompletionRequest, ChatTemplateError, CompletionRequest,
@@ -44,18 +45,18 @@ _OK = {200: {"content": {"application/json": {}, "text/event-stream": {}},
 
 
 @router.post("/chat/completions", responses={**_OK, **ERRORS})
-async def chat_completions(body: ChatCompletionRequest, services: ServicesDep):
+async def chat_completions(request: Request, body: ChatCompletionRequest, services: ServicesDep) -> Response:
     prompt = _render_chat(body, services)
     params = body.sampling(**_limits(services))
-    return await _answer(services, "chat", "/v1/chat/completions", prompt, params, body, bool(body.logprobs), "")
+    return await _answer(request, services, "chat", prompt, params, body, logprobs=bool(body.logprobs))
 
 
 @router.post("/completions", responses={**_OK, **ERRORS})
-async def completions(body: CompletionRequest, services: ServicesDep):
+async def completions(request: Request, body: CompletionRequest, services: ServicesDep) -> Response:
     params = body.sampling(**_limits(services))
     prompt = body.prompt_text
-    return await _answer(services, "text", "/v1/completions", prompt, params, body, body.logprobs == 0,
-                         prompt if body.echo else "")
+    return await _answer(request, services, "text", prompt, params, body, logprobs=body.logprobs == 0,
+                         echo=prompt if body.echo else "")
 
 
 @router.get("/models")
@@ -88,16 +89,18 @@ def _render_chat(body: ChatCompletionRequest, services: Services) -> str:
         raise InvalidParam(f"the model's chat template refused these messages: {exc}", "messages") from exc
 
 
-async def _answer(services: Services, kind: str, path: str, prompt: str, params: SamplingParams,
-                  body: ChatCompletionRequest | CompletionRequest, logprobs: bool, echo: str):
+async def _answer(request: Request, services: Services, kind: str, prompt: str, params: SamplingParams,
+                  body: ChatCompletionRequest | CompletionRequest, *, logprobs: bool, echo: str = "") -> Response:
     model = served_model_name(services)
     stops = params.stop
     if body.stream:
         stream = await services.generation.stream(prompt, params)
-        events = stream_chunks(stream, kind=kind, path=path, model=model, stops=stops, logprobs=logprobs,
-                               include_usage=body.include_usage, echo=echo)
+        events = stream_chunks(stream, kind=kind, path=request.url.path, model=model, stops=stops,
+                               logprobs=logprobs, include_usage=body.include_usage, echo=echo)
         return EventStreamResponse(events, headers=completion_headers(stream.completion_id, stream.model_version))
-    c = await services.generation.complete(prompt, params)
+    c = await unless_disconnected(request, lambda: services.generation.complete(prompt, params))
+    if isinstance(c, Response):  # the client left; nobody reads this
+        return c
     answer = (chat_completion(c, model=model, stops=stops, logprobs=logprobs) if kind == "chat"
               else text_completion(c, model=model, stops=stops, logprobs=logprobs, echo=echo))
     return JSONResponse(answer, headers=completion_headers(c.completion_id, c.model_version))

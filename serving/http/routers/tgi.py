@@ -12,12 +12,13 @@ from collections.abc import AsyncGenerator
 from importlib import metadata
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from serving.engine.types import MAX_STOP_SEQUENCES, Token
 from serving.errors import FeedloopError
 from serving.http.dependencies import ServicesDep, completion_headers
+from serving.http.disconnect import unless_disconnected
 from serving.http.errors import sse_error_body
 from serving.http.schemas.tgi import ERROR_RESPONSES, GenerateRequest, GenerateResponse, Info, StreamEvent
 from serving.http.sse import EventStreamResponse, sse_data
@@ -32,11 +33,9 @@ _SSE = {"model": StreamEvent, "description": "Server-sent events, one per token:
 
 
 @router.post("/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
-async def generate(body: GenerateRequest, services: ServicesDep) -> JSONResponse:
+async def generate(request: Request, body: GenerateRequest, services: ServicesDep) -> Response:
     """Generate the whole answer. (`stream` is ignored here, as TGI does.)"""
-    completion = await _complete(body, services)
-    return JSONResponse(_generate_body(completion, body),
-                        headers=completion_headers(completion.completion_id, completion.model_version))
+    return await _whole_answer(request, body, services, as_list=False)
 
 
 @router.post("/generate_stream", response_class=EventStreamResponse,
@@ -49,16 +48,14 @@ async def generate_stream(body: GenerateRequest, services: ServicesDep) -> Event
 
 
 @router.post("/", response_model=list[GenerateResponse], responses={**ERROR_RESPONSES})
-async def compat_generate(body: GenerateRequest, services: ServicesDep):
+async def compat_generate(request: Request, body: GenerateRequest, services: ServicesDep) -> Response:
     """TGI's compatibility route: `stream` true answers like /generate_stream, else a JSON list holding
     one /generate answer (what text_generation.Client parses)."""
     if body.stream:
         stream = await services.generation.stream(body.inputs, _sampling(body, services))
         return EventStreamResponse(_events(stream, body, "/"),
                                    headers=completion_headers(stream.completion_id, stream.model_version))
-    completion = await _complete(body, services)
-    return JSONResponse([_generate_body(completion, body)],
-                        headers=completion_headers(completion.completion_id, completion.model_version))
+    return await _whole_answer(request, body, services, as_list=True)
 
 
 @router.get("/info", response_model=Info)
@@ -84,8 +81,13 @@ def _sampling(body: GenerateRequest, services: Services):
                          max_total_tokens=services.engine.info().max_total_tokens)
 
 
-async def _complete(body: GenerateRequest, services: Services) -> Completion:
-    return await services.generation.complete(body.inputs, _sampling(body, services))
+async def _whole_answer(request: Request, body: GenerateRequest, services: Services, as_list: bool) -> Response:
+    params = _sampling(body, services)
+    c = await unless_disconnected(request, lambda: services.generation.complete(body.inputs, params))
+    if isinstance(c, Response):  # the client left; nobody reads this
+        return c
+    answer = _generate_body(c, body)
+    return JSONResponse([answer] if as_list else answer, headers=completion_headers(c.completion_id, c.model_version))
 
 
 def _token(t: Token) -> dict:
