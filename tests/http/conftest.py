@@ -9,16 +9,7 @@ from __future__ import annotations
 import pytest
 
 from serving.services import Services
-from serving.settings import ServingSettings
-from tests.fakes import FakeEngine, FakeReward
-from tests.http.server import serve_http
-
-SMALL_BODY_LIMIT = 4096  # bytes; small so the 413 tests send little
-
-
-def fake_services(tmp_path, engine: FakeEngine | None = None, **settings) -> Services:
-    settings.setdefault("max_body_bytes", SMALL_BODY_LIMIT)
-    return Services.build(ServingSettings(data_dir=tmp_path, **settings), engine or FakeEngine(), FakeReward())
+from tests.http.server import fake_services, serve_http
 
 
 @pytest.fixture(scope="module")

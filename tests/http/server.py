@@ -12,6 +12,16 @@ import uvicorn
 
 from serving.http.app import create_app
 from serving.services import Services
+from serving.settings import ServingSettings
+from tests.fakes import FakeEngine, FakeReward
+
+SMALL_BODY_LIMIT = 4096  # bytes; small so the 413 tests send little
+
+
+def fake_services(data_dir, engine: FakeEngine | None = None, **settings) -> Services:
+    """Services over FakeEngine/FakeReward (default FakeEngine: capacity 4, prompts up to 64 words)."""
+    settings.setdefault("max_body_bytes", SMALL_BODY_LIMIT)
+    return Services.build(ServingSettings(data_dir=data_dir, **settings), engine or FakeEngine(), FakeReward())
 
 
 @contextmanager

@@ -6,8 +6,7 @@ import httpx
 import pytest
 
 from tests.fakes import FakeEngine
-from tests.http.conftest import SMALL_BODY_LIMIT, fake_services
-from tests.http.server import serve_http
+from tests.http.server import SMALL_BODY_LIMIT, fake_services, serve_http
 
 TGI = {"path": "/generate", "ok": {"inputs": "hello there", "parameters": {"max_new_tokens": 2}}}
 CHAT = {"path": "/v1/chat/completions", "ok": {"model": "m", "messages": [{"role": "user", "content": "hi"}],

@@ -16,8 +16,7 @@ from serving.engine.types import StepOutput, Token
 from serving.errors import GenerationError
 from serving.http.openai_output import StopHoldback
 from tests.fakes import FakeEngine
-from tests.http.conftest import fake_services
-from tests.http.server import serve_http
+from tests.http.server import fake_services, serve_http
 
 SLOW = {"inputs": "one two three", "parameters": {"max_new_tokens": 50}}  # 50 tokens x 0.2 s = 10 s
 

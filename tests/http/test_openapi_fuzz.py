@@ -3,6 +3,7 @@ the answer is never a 5xx. The spec describes every request body, so cases reach
 checks and the engine, not only the JSON parser."""
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -10,14 +11,16 @@ import schemathesis
 from schemathesis.checks import not_a_server_error
 
 from serving.http.app import create_app
-from tests.http.conftest import fake_services
+from tests.http.server import fake_services
 
 
 # Built at import: schemathesis' fixture-based loader relies on a pytest internal that pytest 9
 # removed. Nothing is written under the data dir.
 schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(fake_services(Path(tempfile.gettempdir()))))
 # Small and derandomised: a smoke test that stays fast and repeatable, not an exhaustive search.
-schema.config.generation.update(max_examples=int(__import__("os").environ.get("FUZZ_N", "20")), deterministic=True, database="none")
+# FEEDLOOP_FUZZ_EXAMPLES raises the count for a longer hunt by hand.
+schema.config.generation.update(max_examples=int(os.environ.get("FEEDLOOP_FUZZ_EXAMPLES", "20")),
+                                deterministic=True, database="none")
 
 
 @schema.parametrize()

@@ -9,32 +9,20 @@ import time
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 
 from serving.engine.types import SamplingParams
 from serving.http.dependencies import ServicesDep, completion_headers, served_model_name
 from serving.http.disconnect import unless_disconnected
-from serving.http.errors import InvalidParam
+from serving.http.errors import ApiError, InvalidParam, error_response
 from serving.http.openai_output import chat_completion, stream_chunks, text_completion
 from serving.http.schemas.openai import (ChatCompletionRequest, ChatTemplateError, CompletionRequest,
-                                         flatten_messages)
+                                         OpenAIErrorBody, flatten_messages)
 from serving.http.sse import EventStreamResponse
 from serving.services import Services
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 _STARTED = int(time.time())
-
-
-class OpenAIError(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class OpenAIErrorBody(BaseModel):
-    error: OpenAIError
 
 
 ERRORS: dict = {code: {"model": OpenAIErrorBody, "description": text} for code, text in [
@@ -65,12 +53,11 @@ async def list_models(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/models/{model_id:path}", responses={404: {"model": OpenAIErrorBody}})
-async def get_model(model_id: str, services: ServicesDep) -> JSONResponse:
+async def get_model(request: Request, model_id: str, services: ServicesDep) -> JSONResponse:
     card = _model_card(services)
     if model_id != card["id"]:
-        return JSONResponse({"error": {"message": f"The model `{model_id}` does not exist",
-                                       "type": "invalid_request_error", "param": "model",
-                                       "code": "model_not_found"}}, status_code=404)
+        return error_response(request.url.path, ApiError(404, f"The model `{model_id}` does not exist",
+                                                         "not_found", "model", "model_not_found"))
     return JSONResponse(card)
 
 

@@ -10,9 +10,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from serving.http.dependencies import ServicesDep
-from serving.http.routers.openai import OpenAIErrorBody
 from serving.http.errors import InvalidParam
-from serving.http.schemas.openai import ChatTemplateError
+from serving.http.schemas.openai import ChatTemplateError, OpenAIErrorBody
 from serving.http.schemas.score import ScoreRequest, ScoreResponse
 
 router = APIRouter(prefix="/v1", tags=["feedloop"])

@@ -40,11 +40,9 @@ async def generate(request: Request, body: GenerateRequest, services: ServicesDe
 
 @router.post("/generate_stream", response_class=EventStreamResponse,
              responses={200: _SSE, **ERROR_RESPONSES})
-async def generate_stream(body: GenerateRequest, services: ServicesDep) -> EventStreamResponse:
+async def generate_stream(request: Request, body: GenerateRequest, services: ServicesDep) -> EventStreamResponse:
     """Stream the answer token by token (server-sent events)."""
-    stream = await services.generation.stream(body.inputs, _sampling(body, services))
-    return EventStreamResponse(_events(stream, body, "/generate_stream"),
-                               headers=completion_headers(stream.completion_id, stream.model_version))
+    return await _streamed_answer(request, body, services)
 
 
 @router.post("/", response_model=list[GenerateResponse], responses={**ERROR_RESPONSES})
@@ -52,9 +50,7 @@ async def compat_generate(request: Request, body: GenerateRequest, services: Ser
     """TGI's compatibility route: `stream` true answers like /generate_stream, else a JSON list holding
     one /generate answer (what text_generation.Client parses)."""
     if body.stream:
-        stream = await services.generation.stream(body.inputs, _sampling(body, services))
-        return EventStreamResponse(_events(stream, body, "/"),
-                                   headers=completion_headers(stream.completion_id, stream.model_version))
+        return await _streamed_answer(request, body, services)
     return await _whole_answer(request, body, services, as_list=True)
 
 
@@ -79,6 +75,12 @@ async def info(services: ServicesDep) -> JSONResponse:
 def _sampling(body: GenerateRequest, services: Services):
     return body.sampling(default_max_new_tokens=services.settings.max_new_tokens_default,
                          max_total_tokens=services.engine.info().max_total_tokens)
+
+
+async def _streamed_answer(request: Request, body: GenerateRequest, services: Services) -> EventStreamResponse:
+    stream = await services.generation.stream(body.inputs, _sampling(body, services))
+    return EventStreamResponse(_events(stream, body, request.url.path),
+                               headers=completion_headers(stream.completion_id, stream.model_version))
 
 
 async def _whole_answer(request: Request, body: GenerateRequest, services: Services, as_list: bool) -> Response:

@@ -185,3 +185,16 @@ class CompletionRequest(_Common):
         self.prompt_text  # noqa: B018 - refuse batched / token-id prompts before generating
         return self._sampling(self.max_tokens, "max_tokens", default_max_new_tokens=default_max_new_tokens,
                               max_total_tokens=max_total_tokens)
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error | rate_limit_error | server_error")
+    param: str | None = Field(description="The request field at fault, when one is.")
+    code: str | None = Field(description="e.g. context_length_exceeded, model_overloaded, invalid_json")
+
+
+class OpenAIErrorBody(BaseModel):
+    """Error body of every /v1 route."""
+
+    error: OpenAIError
