@@ -19,6 +19,7 @@ import datetime
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +28,22 @@ import torch
 from serving.engine.local import LocalEngineClient
 from serving.engine.types import SamplingParams
 from serving.models import ensure_bundled_model, load_policy
-from serving.settings import default_data_dir
+from serving.settings import ServingSettings
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
              "Give me three tips for learning Python.", "Why is the sky blue?", "What is a prime number?",
              "Describe a cat to someone who has never seen one.", "How do airplanes stay in the air?"]
+
+
+def on_fresh_thread(fn, *args):
+    """Run `fn` on a thread that ends afterwards. The process never runs torch on its main thread:
+    two live threads with OpenMP teams slow small ops ~4x (see LocalEngine.run_job), which would
+    handicap whichever system ran second."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn(*args)))
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -151,17 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     args.argv = argv
-    path = Path(args.model) if args.model else ensure_bundled_model(default_data_dir())
-    policy = load_policy(path, args.device, args.dtype)
+    path = Path(args.model) if args.model else on_fresh_thread(ensure_bundled_model, ServingSettings().data_dir)
+    policy = on_fresh_thread(load_policy, path, args.device, args.dtype)
     device = next(policy.model.parameters()).device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    _hf_generate(policy, make_prompts(policy.tokenizer, 1), 8)  # warm-up: pages in the weights
+    on_fresh_thread(_hf_generate, policy, make_prompts(policy.tokenizer, 1), 8)  # warm-up: pages in the weights
     rows = []
     for c in [int(x) for x in args.clients.split(",")]:
         prompts = make_prompts(policy.tokenizer, c)
         eng = asyncio.run(bench_engine(policy, prompts, args.new_tokens))
-        per = bench_per_request(policy, prompts, args.new_tokens, min(args.per_request_sample, c))
-        stat = bench_static_batch(policy, prompts, args.new_tokens)
+        per = on_fresh_thread(bench_per_request, policy, prompts, args.new_tokens, min(args.per_request_sample, c))
+        stat = on_fresh_thread(bench_static_batch, policy, prompts, args.new_tokens)
         rows.append((c, eng, per, stat))
         print(f"clients={c}: engine {eng['tok_s']:.1f} tok/s (TTFT p99 {eng['ttft_p99']:.2f}s), per-request "
               f"{per['tok_s']:.1f}, static {stat['tok_s']:.1f} (TTFT {stat['ttft_p99']:.2f}s)", flush=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 
 from serving.engine.local import LocalEngineClient, LocalRewardClient
@@ -31,7 +32,30 @@ def build_services(settings: ServingSettings) -> Services:
     engine = LocalEngineClient(policy, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                max_input_tokens=settings.max_input_tokens,
                                max_total_tokens=settings.max_total_tokens)
-    return Services.build(settings, engine, LocalRewardClient(reward, max_length=settings.max_total_tokens))
+    # Scoring runs on the engine's thread: one thread does all torch work (see LocalEngine.run_job).
+    scorer = LocalRewardClient(reward, max_length=settings.max_total_tokens, run_job=engine.engine.run_job)
+    return Services.build(settings, engine, scorer)
+
+
+async def in_fresh_thread(fn):
+    """Run `fn` on a thread that ends afterwards (not a pooled one that would keep an OpenMP team)."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def target():
+        try:
+            result = fn()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(future.set_exception, exc)
+        else:
+            loop.call_soon_threadsafe(future.set_result, result)
+
+    thread = threading.Thread(target=target, name="feedloop-load")
+    thread.start()
+    try:
+        return await future
+    finally:
+        await asyncio.to_thread(thread.join)
 
 
 async def serve(settings: ServingSettings, services: Services | None = None) -> None:
@@ -41,7 +65,7 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     from serving.grpc.server import start_grpc_server, stop_grpc_server
     from serving.http.app import create_app
 
-    services = services or await asyncio.to_thread(build_services, settings)
+    services = services or await in_fresh_thread(lambda: build_services(settings))
     await services.start()
     grpc_server = None
     try:

@@ -25,6 +25,13 @@ def tiny_policy(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def reference_policy(tiny_model_dir):
+    """The same checkpoint loaded separately and left as HF made it, for `generate` parity checks
+    (the engine switches its own model's attention function)."""
+    return load_policy(tiny_model_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_reward(tiny_policy):
     return load_reward(None, tiny_policy, device="cpu")
 
@@ -37,7 +44,7 @@ def tiny_services(tiny_policy, tiny_reward, tmp_path_factory):
     engine = LocalEngineClient(tiny_policy, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue,
                                max_input_tokens=settings.max_input_tokens,
                                max_total_tokens=settings.max_total_tokens)
-    services = Services.build(settings, engine, LocalRewardClient(tiny_reward))
+    services = Services.build(settings, engine, LocalRewardClient(tiny_reward, run_job=engine.engine.run_job))
     engine.engine.start()
     yield services
     engine.engine.stop()

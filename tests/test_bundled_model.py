@@ -36,6 +36,7 @@ def test_dequantised_once_cached_and_intact(bundled):
 async def test_real_model_answers_and_matches_hf_generate_in_a_batch(bundled):
     _, path = bundled
     policy = load_policy(path, device="cpu")
+    reference = load_policy(path, device="cpu")  # HF's own attention (the engine switches its copy's)
     assert policy.model_version.startswith("smollm2-135m-instruct-")
     client = LocalEngineClient(policy, max_batch_size=8)
     await client.start()
@@ -51,8 +52,9 @@ async def test_real_model_answers_and_matches_hf_generate_in_a_batch(bundled):
         together = await asyncio.gather(*[run(p) for p in prompts])
         assert "Paris" in together[0][1].generated_text
         for prompt, (ids, _) in zip(prompts, together):
-            enc = torch.tensor([policy.tokenizer.encode(prompt, add_special_tokens=False)])
-            ref = policy.model.generate(enc, attention_mask=torch.ones_like(enc), max_new_tokens=16, do_sample=False)
+            enc = torch.tensor([reference.tokenizer.encode(prompt, add_special_tokens=False)])
+            assert reference.model.config._attn_implementation == "sdpa"
+            ref = reference.model.generate(enc, attention_mask=torch.ones_like(enc), max_new_tokens=16, do_sample=False)
             assert ids == ref[0, enc.shape[1]:].tolist()
     finally:
         await client.stop()

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator
+import concurrent.futures
+import functools
+from collections.abc import AsyncIterator, Callable
 
 import torch
 
@@ -85,12 +86,21 @@ class LocalEngineClient(EngineClient):
 
 
 class LocalRewardClient(RewardClient):
-    """Scores pairs in batches on a worker thread (one batch at a time)."""
+    """Scores pairs in batches, one batch at a time.
 
-    def __init__(self, reward: LoadedReward, max_length: int = 4096) -> None:
+    `run_job` runs a function on the thread that does the process's torch work (the generation
+    engine's, see LocalEngine.run_job); without one, scoring gets a single thread of its own.
+    """
+
+    def __init__(self, reward: LoadedReward, max_length: int = 4096,
+                 run_job: Callable[[Callable[[], object]], concurrent.futures.Future] | None = None) -> None:
         self.reward = reward
         self.max_length = max_length
-        self._lock = threading.Lock()
+        self._own_executor = None
+        if run_job is None:
+            self._own_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="feedloop-reward")
+            run_job = self._own_executor.submit
+        self._run_job = run_job
 
     @property
     def model_version(self) -> str:
@@ -101,7 +111,11 @@ class LocalRewardClient(RewardClient):
         return self.reward.trained
 
     async def score(self, pairs) -> ScoreResult:
-        return await asyncio.to_thread(self._score_sync, pairs)
+        return await asyncio.wrap_future(self._run_job(functools.partial(self._score_sync, pairs)))
+
+    async def stop(self) -> None:
+        if self._own_executor is not None:
+            self._own_executor.shutdown(wait=False, cancel_futures=True)
 
     def _score_sync(self, pairs) -> ScoreResult:
         tok = self.reward.tokenizer
@@ -118,6 +132,6 @@ class LocalRewardClient(RewardClient):
         for i, e in enumerate(enc):
             ids[i, : len(e)] = torch.tensor(e)
             mask[i, : len(e)] = 1
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             scores = reward_scores(self.reward.model, ids.to(device), mask.to(device))
         return ScoreResult([float(s) for s in scores.cpu()], self.model_version)

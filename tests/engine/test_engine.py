@@ -19,13 +19,14 @@ async def _tokens(client, prompt, params):
 
 
 def _hf_greedy(policy, prompt, max_new_tokens):
+    assert policy.model.config._attn_implementation == "sdpa"  # HF's own attention, untouched
     ids = torch.tensor([policy.tokenizer.encode(prompt, add_special_tokens=False)])
     out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 
 
-async def test_continuous_batching_parity_with_hf_generate(tiny_services, tiny_policy):
+async def test_continuous_batching_parity_with_hf_generate(tiny_services, reference_policy):
     """16 concurrent greedy requests of different lengths: each gives exactly the tokens it gives
     alone, and the tokens HF generate gives."""
     engine = tiny_services.engine
@@ -33,13 +34,13 @@ async def test_continuous_batching_parity_with_hf_generate(tiny_services, tiny_p
     alone = [(await _tokens(engine, p, SamplingParams(max_new_tokens=n)))[0] for p, n in zip(PROMPTS, lengths)]
     together = await asyncio.gather(*[_tokens(engine, p, SamplingParams(max_new_tokens=n))
                                       for p, n in zip(PROMPTS, lengths)])
-    hf = [_hf_greedy(tiny_policy, p, n) for p, n in zip(PROMPTS, lengths)]
+    hf = [_hf_greedy(reference_policy, p, n) for p, n in zip(PROMPTS, lengths)]
     assert [t for t, _ in together] == alone
     assert alone == hf
     assert len({len(a) for a in alone}) > 4  # the requests really left the batch at different steps
 
 
-async def test_staggered_arrivals_join_running_batch(tiny_services, tiny_policy):
+async def test_staggered_arrivals_join_running_batch(tiny_services, reference_policy):
     """Requests arriving while others decode join between steps and still match HF."""
     engine = tiny_services.engine
 
@@ -48,15 +49,15 @@ async def test_staggered_arrivals_join_running_batch(tiny_services, tiny_policy)
         return (await _tokens(engine, PROMPTS[i], SamplingParams(max_new_tokens=20)))[0]
 
     got = await asyncio.gather(*[late(i) for i in range(8)])
-    assert got == [_hf_greedy(tiny_policy, PROMPTS[i], 20) for i in range(8)]
+    assert got == [_hf_greedy(reference_policy, PROMPTS[i], 20) for i in range(8)]
 
 
-async def test_logprobs_equal_log_softmax_of_a_full_forward(tiny_services, tiny_policy):
+async def test_logprobs_equal_log_softmax_of_a_full_forward(tiny_services, reference_policy):
     ids, outs = await _tokens(tiny_services.engine, PROMPTS[3], SamplingParams(max_new_tokens=12))
-    prompt = tiny_policy.tokenizer.encode(PROMPTS[3], add_special_tokens=False)
+    prompt = reference_policy.tokenizer.encode(PROMPTS[3], add_special_tokens=False)
     full = torch.tensor([prompt + ids])
     with torch.no_grad():
-        logits = tiny_policy.model(full).logits[0, len(prompt) - 1:-1]
+        logits = reference_policy.model(full).logits[0, len(prompt) - 1:-1]
     ref = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ids)[:, None])[:, 0]
     assert torch.allclose(torch.tensor([o.token.logprob for o in outs]), ref, atol=1e-4)
 
