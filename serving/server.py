@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 from pathlib import Path
 
@@ -12,6 +13,28 @@ from serving.services import Services
 from serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
+
+
+class _Server:
+    """uvicorn's server with our signal handling: uvicorn re-raises SIGTERM after its own shutdown,
+    which would kill the process before gRPC drains and the engine stops. Here a signal only asks
+    uvicorn to exit; `serve()` then returns and the caller shuts the rest down in order."""
+
+    def __init__(self, config) -> None:
+        import contextlib
+
+        import uvicorn
+
+        self._server = uvicorn.Server(config)
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+
+    def request_exit(self) -> None:
+        if self._server.should_exit:  # a second signal: stop waiting for open connections
+            self._server.force_exit = True
+        self._server.should_exit = True
+
+    async def serve(self) -> None:
+        await self._server.serve()
 
 
 def resolve_policy_path(settings: ServingSettings) -> Path:
@@ -78,7 +101,12 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
                                    "fl_grpc": f"{settings.host}:{grpc_server.bound_port}" if grpc_server else None,
                                    "fl_model_version": services.engine.model_version,
                                    "fl_reward_model_version": services.reward.model_version})
-        await uvicorn.Server(config).serve()
+        server = _Server(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.request_exit)
+        await server.serve()
+        log.info("stopping", extra={"fl_reason": "signal"})
     finally:
         if grpc_server is not None:
             await stop_grpc_server(grpc_server, grace=5)

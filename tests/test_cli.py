@@ -50,7 +50,7 @@ def test_serve_answers_over_http_and_grpc_then_stops_cleanly(tiny_model_dir, tmp
         info = httpx.get(f"{base}/info").json()
         assert info["model_version"].startswith("tiny-llama-")
         assert info["reward_model_trained"] is False
-        assert info["max_concurrent_requests"] == 4  # FEEDLOOP_MAX_BATCH_SIZE reached the engine
+        assert info["max_batch_size"] == 4  # FEEDLOOP_MAX_BATCH_SIZE reached the engine
 
         answer = Client(base).generate("Hello there", max_new_tokens=5, decoder_input_details=False)
         assert answer.details.generated_tokens >= 1

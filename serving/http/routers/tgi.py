@@ -66,7 +66,8 @@ async def info(services: ServicesDep) -> JSONResponse:
         max_input_length=e.max_input_tokens, max_total_tokens=e.max_total_tokens,
         max_client_batch_size=1, validation_workers=1, version=_feedloop_version(), sha=None,
         docker_label=None, router="feedloop", model_version=e.model_version,
-        reward_model_version=services.reward.model_version, reward_model_trained=services.reward.trained)
+        reward_model_version=services.reward.model_version, reward_model_trained=services.reward.trained,
+        max_batch_size=e.max_batch_size, max_queue=e.max_queue)
     return JSONResponse(body.model_dump(), headers={"X-Model-Version": e.model_version})
 
 

@@ -169,7 +169,8 @@ class ErrorBody(BaseModel):
 
 
 class Info(BaseModel):
-    """TGI's /info, plus the feedloop fields model_version, reward_model_version, reward_model_trained."""
+    """TGI's /info, plus the feedloop fields model_version, reward_model_version, reward_model_trained,
+    max_batch_size (requests decoded together) and max_queue (waiting beyond those)."""
 
     model_id: str
     model_sha: str | None
@@ -191,6 +192,8 @@ class Info(BaseModel):
     model_version: str
     reward_model_version: str
     reward_model_trained: bool
+    max_batch_size: int
+    max_queue: int
 
 
 ERROR_RESPONSES: dict = {
