@@ -35,6 +35,9 @@ class EngineClient(ABC):
     def stats(self) -> dict:
         """Live numbers: queue size and running batch size."""
 
+    def check_health(self) -> None:
+        """Raise EngineUnavailable unless new requests can be served (starting, stopped, crashed)."""
+
     async def start(self) -> None:  # pragma: no cover - default no-op
         """Start background work (the decode loop)."""
 

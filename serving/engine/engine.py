@@ -123,6 +123,11 @@ class LocalEngine:
             self._cv.notify()
         return future
 
+    @property
+    def alive(self) -> bool:
+        """The decode loop is running and accepting requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
     def stats(self) -> dict:
         return {"queue_size": len(self._waiting), "batch_size": len(self._running), "steps": self.steps}
 

@@ -12,7 +12,7 @@ from serving.engine.client import EngineClient, RewardClient
 from serving.engine.engine import LocalEngine, Request
 from serving.engine.reward import render_pair, reward_scores
 from serving.engine.types import EngineInfo, SamplingParams, ScoreResult, StepOutput
-from serving.errors import PromptTooLong
+from serving.errors import EngineUnavailable, PromptTooLong
 from serving.models import LoadedPolicy, LoadedReward
 
 
@@ -49,6 +49,10 @@ class LocalEngineClient(EngineClient):
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise EngineUnavailable("the generation engine is not running")
 
     async def start(self) -> None:
         self.engine.start()

@@ -13,7 +13,7 @@ router = APIRouter(tags=["operations"])
 @router.get("/health", responses={503: {"description": "The engine is not running"}})
 async def health(services: ServicesDep) -> JSONResponse:
     """200 while the engine answers (TGI's /health); 503 while it starts or stops."""
-    services.engine.stats()  # raises EngineUnavailable when the engine cannot serve
+    services.engine.check_health()  # raises EngineUnavailable (→ 503) when the engine cannot serve
     return JSONResponse({"status": "ok", "model_version": services.engine.model_version,
                          "reward_model_version": services.reward.model_version})
 
