@@ -234,12 +234,11 @@ class LocalEngine:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **self._last_logits_only)
-        logits = out.logits[:, -1].float()  # (k, V)
-        logprobs = torch.log_softmax(logits, -1)
+        token_ids, logprobs = self._choose(reqs, out.logits[:, -1])
         results = []
         for j, req in enumerate(reqs):
-            token_id, output = self._accept(req, logits[j], logprobs[j])
-            results.append((req, output))
+            token_id = token_ids[j]
+            results.append((req, self._accept(req, token_id, logprobs[j])))
             if req.finished:
                 continue
             if self._cache is None:
@@ -262,14 +261,9 @@ class LocalEngine:
         out = self.model(input_ids=self._last_tokens[:, None], attention_mask=mask,
                          position_ids=self._positions[:, None], past_key_values=cache.cache, use_cache=True)
         cache.after_step()
-        logits = out.logits[:, -1].float()  # (B, V)
-        logprobs = torch.log_softmax(logits, -1)
-        chosen, results = [], []
-        for i, req in enumerate(self._running):
-            token_id, output = self._accept(req, logits[i], logprobs[i])
-            chosen.append(token_id)
-            results.append((req, output))
-        self._last_tokens = torch.tensor(chosen, device=self.device)
+        token_ids, logprobs = self._choose(self._running, out.logits[:, -1])
+        results = [(req, self._accept(req, token_ids[i], logprobs[i])) for i, req in enumerate(self._running)]
+        self._last_tokens = torch.tensor(token_ids, device=self.device)
         self._positions = self._positions + 1
         for req in [r for r in self._running if r.finished]:
             self._leave(req)
@@ -288,11 +282,27 @@ class LocalEngine:
         self._positions = self._positions[:last]
         req.finished = True
 
-    def _accept(self, req: Request, logits: torch.Tensor, logprobs: torch.Tensor) -> tuple[int, StepOutput]:
-        """Choose the next token of `req` from its logits (V,), detokenise it and decide if it is done."""
+    def _choose(self, reqs: list[Request], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Next token and its log-prob for each row of logits (B, V).
+
+        Plain greedy rows take one batched argmax; rows that sample or penalise repetition go
+        through their own processors. Results come to the host in one transfer each (on a GPU a
+        per-row `.item()` would synchronise B times per step).
+        """
+        logits = logits.float()
+        chosen = logits.argmax(-1)  # (B,)
+        for i, req in enumerate(reqs):
+            p = req.params
+            if not p.greedy or p.repetition_penalty not in (None, 1.0):
+                chosen[i] = choose_token(logits[i], p, req.seen_ids, req.generator)
+        logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # (B,)
+        return chosen.tolist(), logprobs.tolist()
+
+    def _accept(self, req: Request, token_id: int, logprob: float) -> StepOutput:
+        """Stream the chosen token of `req`: detokenise it and decide whether the request is done."""
         params = req.params
-        token_id = choose_token(logits, params, req.seen_ids, req.generator)
-        logprob = float(logprobs[token_id]) if params.logprobs else 0.0
+        if not params.logprobs:
+            logprob = 0.0
         req.generated.append(token_id)
         if params.repetition_penalty not in (None, 1.0):
             req.seen_ids = torch.cat([req.seen_ids, torch.tensor([token_id], device=self.device)])
@@ -323,7 +333,7 @@ class LocalEngine:
             output.generated_tokens = len(req.generated)
             output.prompt_tokens = len(req.prompt_ids)
             output.seed = req.seed
-        return token_id, output
+        return output
 
 
 def _find_stop(text: str, stops: tuple[str, ...], new_chars: int) -> int | None:
