@@ -28,7 +28,7 @@ import torch
 from serving.engine.local import LocalEngineClient
 from serving.engine.types import SamplingParams
 from serving.models import ensure_bundled_model, load_policy
-from serving.settings import ServingSettings
+from serving.paths import data_dir_from_env
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
              "Give me three tips for learning Python.", "Why is the sky blue?", "What is a prime number?",
@@ -49,6 +49,49 @@ def on_fresh_thread(fn, *args):
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+# Shapes for random-init models (GPU benchmarks without downloading weights).
+RANDOM_SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, tie_word_embeddings=True),
+}
+# HBM bandwidth (GB/s) by device name, for the fraction of the memory-bandwidth limit.
+HBM_GBPS = {"H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100": 2039}
+
+
+def random_policy(shape: str, tokenizer_dir: str | None, device: str, dtype: str):
+    """A random-init model of a known shape with the bundled (or given) tokenizer, and a copy of
+    it with the same weights for the baselines."""
+    import copy
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from serving.models import LoadedPolicy, load_bundled_tokenizer, resolve_device
+
+    dev, torch_dtype = resolve_device(device, dtype)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else load_bundled_tokenizer()
+    config = LlamaConfig(**RANDOM_SHAPES[shape], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM(config).to(torch_dtype).eval()
+    reference = copy.deepcopy(model)
+    make = lambda m: LoadedPolicy(m, tok, (tok.eos_token_id,), f"random-{shape}", shape, Path(shape))  # noqa: E731
+    return make(model), make(reference)
+
+
+def bandwidth_fraction(tok_s: float, clients: int, policy, device) -> float | None:
+    """Measured tok/s over the bound set by reading every weight once per decode step."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    gbps = next((v for k, v in HBM_GBPS.items() if k in name), None)
+    if gbps is None:
+        return None
+    weight_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
+    return tok_s / (clients * gbps * 1e9 / weight_bytes)
 
 
 def make_prompts(tokenizer, n: int) -> list[str]:
@@ -129,6 +172,10 @@ def render(rows: list[tuple[int, dict, dict, dict]], args, policy, device: str) 
             f"{eng['tok_s'] / per['tok_s']:.1f}× | {eng['tok_s'] / stat['tok_s']:.2f}× | "
             f"{eng['ttft_p50']:.2f} / {eng['ttft_p99']:.2f} | {per['ttft_p50']:.2f} / {per['ttft_p99']:.2f} | "
             f"{stat['ttft_p50']:.2f} / {stat['ttft_p99']:.2f} |")
+    fractions = [(c, eng["bw_fraction"]) for c, eng, _, _ in rows if eng.get("bw_fraction") is not None]
+    if fractions:
+        lines += ["", "Engine tok/s as a fraction of the memory-bandwidth limit (every weight read once per step): "
+                  + ", ".join(f"{c} clients {f:.1%}" for c, f in fractions) + "."]
     lines += ["", "Baselines run HF `generate` on a separate copy of the model with HF's own `sdpa` attention. "
               "Per-request TTFT is computed from the measured per-request time (clients queue behind each "
               "other); static-batch TTFT is the batch's wall time (generate() answers when all rows are done).", ""]
@@ -155,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="feedloop bench serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2)")
+    p.add_argument("--random-init", choices=sorted(RANDOM_SHAPES), help="a random-init model of this shape instead")
+    p.add_argument("--tokenizer", help="tokenizer directory for --random-init (default: the bundled one)")
     p.add_argument("--clients", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--per-request-sample", type=int, default=3, help="requests timed for the per-request baseline")
@@ -164,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     args.argv = argv
-    path = Path(args.model) if args.model else on_fresh_thread(ensure_bundled_model, ServingSettings().data_dir)
-    policy = on_fresh_thread(load_policy, path, args.device, args.dtype)
-    # The baselines get their own copy, as HF made it: the engine switches its model's attention
-    # function (serving/engine/attention.py), which would speed the baselines up too.
-    reference = on_fresh_thread(load_policy, path, args.device, args.dtype)
+    if args.random_init:
+        policy, reference = on_fresh_thread(random_policy, args.random_init, args.tokenizer, args.device, args.dtype)
+    else:
+        path = Path(args.model) if args.model else on_fresh_thread(ensure_bundled_model, data_dir_from_env())
+        policy = on_fresh_thread(load_policy, path, args.device, args.dtype)
+        # The baselines get their own copy, as HF made it: the engine switches its model's attention
+        # function (serving/engine/attention.py), which would speed the baselines up too.
+        reference = on_fresh_thread(load_policy, path, args.device, args.dtype)
     device = next(policy.model.parameters()).device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     on_fresh_thread(_hf_generate, reference, make_prompts(policy.tokenizer, 1), 8)  # warm-up: pages in the weights
@@ -178,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         eng = asyncio.run(bench_engine(policy, prompts, args.new_tokens))
         per = on_fresh_thread(bench_per_request, reference, prompts, args.new_tokens, min(args.per_request_sample, c))
         stat = on_fresh_thread(bench_static_batch, reference, prompts, args.new_tokens)
+        eng["bw_fraction"] = bandwidth_fraction(eng["tok_s"], c, policy, device)
         rows.append((c, eng, per, stat))
         print(f"clients={c}: engine {eng['tok_s']:.1f} tok/s (TTFT p99 {eng['ttft_p99']:.2f}s), per-request "
               f"{per['tok_s']:.1f}, static {stat['tok_s']:.1f} (TTFT {stat['ttft_p99']:.2f}s)", flush=True)

@@ -1,17 +1,12 @@
 """One typed settings object for the gateway: environment variables (FEEDLOOP_*) and CLI flags."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def default_data_dir() -> Path:
-    """Per-user data directory: $XDG_DATA_HOME/feedloop, else ~/.local/share/feedloop."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "feedloop"
+from serving.paths import default_data_dir
 
 
 class ServingSettings(BaseSettings):
