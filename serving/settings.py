@@ -31,4 +31,19 @@ class ServingSettings(BaseSettings):
     max_new_tokens_default: int = Field(100, ge=1, description="When a request does not say.")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Bigger request bodies get 413.")
     max_score_batch: int = Field(64, ge=1, description="Most (prompt, response) pairs in one /v1/score call.")
+    kafka: str | None = Field(None, description="Kafka bootstrap servers (host:port[,host:port]); "
+                              "None: the embedded local log under the data directory.")
+    database_url: str | None = Field(None, description="sqlite:///… or postgresql://…; "
+                                     "None: SQLite at <data_dir>/feedloop.db.")
     served_model_name: str | None = Field(None, description="Name in /v1/models; default: the model directory's name.")
+
+
+def bus_url(settings: "ServingSettings") -> str:
+    """The bus URL the factories take: `kafka://servers` or `local`."""
+    if settings.kafka:
+        return settings.kafka if settings.kafka.startswith("kafka://") else f"kafka://{settings.kafka}"
+    return "local"
+
+
+def database_url(settings: "ServingSettings") -> str:
+    return settings.database_url or f"sqlite:///{settings.data_dir / 'feedloop.db'}"
