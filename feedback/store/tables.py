@@ -1,0 +1,198 @@
+"""The store's tables (SQLModel). The schema itself is created by the alembic migrations in
+`migrations/versions/`; `tests/feedback/store/test_migrations.py` checks both stay identical.
+
+Conventions:
+- every event row has `event_id` UNIQUE (idempotent ingestion), `tenant`, `user_id`, `created_at`
+  (the event's time, from the gateway's clock) and `ingested_at` (the store's clock: ingestion lag);
+- the column is `user_id`, not `user`: `user` is reserved in Postgres, where `SELECT user FROM
+  ratings` silently returns the session's role name;
+- enums are short lower-case strings (`"a"`, `"length"`, `"candidate"`) checked by the code that
+  writes them, so adding a value needs no migration.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import BigInteger, CheckConstraint, Column, ForeignKey, Index, LargeBinary, MetaData, String, Text
+from sqlmodel import Field, SQLModel
+
+from feedback.store.types import JSONDocument, UTCDateTime, utcnow
+
+# Named constraints, so migrations can refer to them by name (SQLite batch mode needs names too).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MODEL_STATUSES = ("candidate", "canary", "serving", "rejected", "retired")
+
+
+class StoreModel(SQLModel):
+    """Base of the store's tables: their own metadata, so nothing else declared with SQLModel in
+    the process ends up in the store's schema."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _created_at() -> Any:
+    return Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+def _ingested_at() -> Any:
+    return Field(default_factory=utcnow, sa_column=Column(UTCDateTime(), nullable=False))
+
+
+def _completion_ref(nullable: bool = False) -> Any:
+    return Field(sa_column=Column(String(128), ForeignKey("completions.completion_id"),
+                                  nullable=nullable, index=True))
+
+
+class Completion(StoreModel, table=True):
+    """One served answer (a `CompletionServed` event)."""
+
+    __tablename__ = "completions"
+    completion_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    event_id: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    schema_version: int
+    tenant: str = Field(default="")
+    user_id: str = Field(default="")
+    # Exactly one of prompt_text / prompt_chat (a list of {role, content}) is set.
+    prompt_text: Optional[str] = Field(default=None, sa_column=Column(Text))
+    prompt_chat: Optional[list] = Field(default=None, sa_column=Column(JSONDocument))
+    prompt_key: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    response: str = Field(sa_column=Column(Text, nullable=False))
+    prompt_tokens: int
+    completion_tokens: int
+    model_version: str = Field(sa_column=Column(String(256), nullable=False, index=True))
+    # SamplingParameters fields that were set (absent = the engine's default).
+    parameters: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    finish_reason: Optional[str] = Field(default=None, max_length=32)  # length | eos_token | stop_sequence
+    comparison_id: Optional[str] = Field(default=None, sa_column=Column(String(128), index=True))
+    created_at: datetime = _created_at()
+    ingested_at: datetime = _ingested_at()
+
+
+class Rating(StoreModel, table=True):
+    __tablename__ = "ratings"
+    __table_args__ = (CheckConstraint("score IN (-1, 1)", name="score"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    completion_id: str = _completion_ref()
+    score: int
+    comment: Optional[str] = Field(default=None, sa_column=Column(Text))
+    tenant: str = Field(default="")
+    user_id: str = Field(default="")
+    created_at: datetime = _created_at()
+    ingested_at: datetime = _ingested_at()
+
+
+class Comparison(StoreModel, table=True):
+    __tablename__ = "comparisons"
+    __table_args__ = (CheckConstraint("winner IN ('a', 'b', 'tie', 'both_bad')", name="winner"),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    # Not unique: several people may judge the same pair (POST /v1/compare hands out one id).
+    comparison_id: Optional[str] = Field(default=None, sa_column=Column(String(128), index=True))
+    completion_a: str = _completion_ref()
+    completion_b: str = _completion_ref()
+    winner: str = Field(max_length=16)
+    prompt_key: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    tenant: str = Field(default="")
+    user_id: str = Field(default="")
+    created_at: datetime = _created_at()
+    ingested_at: datetime = _ingested_at()
+
+
+class Ranking(StoreModel, table=True):
+    """A ranking's completions are rows of `ranking_entries` (position 0 = best): a child table
+    rather than a JSON list so every id is a foreign key and "how often was X ranked first" is an
+    indexed query."""
+
+    __tablename__ = "rankings"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    prompt_key: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    size: int
+    tenant: str = Field(default="")
+    user_id: str = Field(default="")
+    created_at: datetime = _created_at()
+    ingested_at: datetime = _ingested_at()
+
+
+class RankingEntry(StoreModel, table=True):
+    __tablename__ = "ranking_entries"
+    ranking_id: int = Field(sa_column=Column(ForeignKey("rankings.id"), primary_key=True))
+    position: int = Field(primary_key=True)  # 0 = best
+    completion_id: str = _completion_ref()
+
+
+class Demonstration(StoreModel, table=True):
+    """A better answer a person wrote: for a served completion (the prompt is that completion's)
+    or for a prompt of their own (prompt_text / prompt_chat set here)."""
+
+    __tablename__ = "demonstrations"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    event_id: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    completion_id: Optional[str] = _completion_ref(nullable=True)
+    prompt_text: Optional[str] = Field(default=None, sa_column=Column(Text))
+    prompt_chat: Optional[list] = Field(default=None, sa_column=Column(JSONDocument))
+    # The completion's prompt_key for a completion target: the held-out split needs it directly.
+    prompt_key: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    tenant: str = Field(default="")
+    user_id: str = Field(default="")
+    created_at: datetime = _created_at()
+    ingested_at: datetime = _ingested_at()
+
+
+class DeadLetter(StoreModel, table=True):
+    """An event the ingestor could not store, kept with the reason for someone to look at.
+    (topic, partition, offset) is unique so a redelivered bad event is kept once."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (Index("uq_dead_letters_position", "topic", "partition", "offset", unique=True),)
+    id: Optional[int] = Field(default=None, primary_key=True)
+    topic: Optional[str] = Field(default=None, max_length=256)
+    partition: Optional[int] = None
+    offset: Optional[int] = Field(default=None, sa_column=Column(BigInteger))  # Kafka offsets are 64-bit
+    key: Optional[bytes] = Field(default=None, sa_column=Column(LargeBinary))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))  # the record's value, as it came
+    event_id: Optional[str] = Field(default=None, sa_column=Column(String(128), index=True))
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _ingested_at()
+
+
+class DatasetSnapshot(StoreModel, table=True):
+    """One dataset export: what was written where, and the hash that identifies its content."""
+
+    __tablename__ = "dataset_snapshots"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16, index=True)  # sft | rm | prompts | ptx
+    content_hash: str = Field(max_length=64, index=True)
+    counts: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    heldout_fraction: float
+    seed: int
+    created_at: datetime = _ingested_at()
+
+
+class ModelVersion(StoreModel, table=True):
+    """The model registry: one row per immutable checkpoint, written after its files."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (CheckConstraint(
+        "status IN (" + ", ".join(f"'{s}'" for s in MODEL_STATUSES) + ")", name="status"),)
+    version: str = Field(sa_column=Column(String(256), primary_key=True))
+    # No foreign key: the first version's parent is a base model that was never registered.
+    parent_version: Optional[str] = Field(default=None, max_length=256)
+    stage: str = Field(max_length=32)  # base | sft | rm | ppo | dpo
+    checkpoint_path: str = Field(sa_column=Column(Text, nullable=False))
+    checksums: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    status: str = Field(default="candidate", max_length=16, index=True)
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    created_at: datetime = _ingested_at()
+    updated_at: datetime = _ingested_at()
