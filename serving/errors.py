@@ -39,3 +39,23 @@ class EngineUnavailable(FeedloopError):
 
     status = 503
     kind = "unavailable"
+
+
+class NotFound(FeedloopError):
+    """The request names something this platform does not know (e.g. feedback on a completion it
+    never served). `param` names the request field, `code` is machine-readable."""
+
+    status = 404
+    kind = "not_found"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class RecordingUnavailable(FeedloopError):
+    """Events cannot be made durable (no event bus configured, or the local log failed)."""
+
+    status = 503
+    kind = "unavailable"

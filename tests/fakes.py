@@ -4,7 +4,9 @@ suite runs the real engine on a tiny model."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
+from feedback.bus.base import EventPublisher
 from serving.engine.client import EngineClient, RewardClient
 from serving.engine.types import EngineInfo, SamplingParams, ScoreResult, StepOutput, Token
 from serving.errors import Overloaded, PromptTooLong
@@ -83,3 +85,32 @@ class FakeReward(RewardClient):
 
     async def score(self, pairs):
         return ScoreResult([float(len(r.split())) for _, r in pairs], self.model_version)
+
+
+class MemoryPublisher(EventPublisher):
+    """Keeps published events in a list: (topic, key, value, headers). `delay` seconds per publish
+    stands in for a slow disk."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.events: list[tuple[str, bytes | None, bytes, dict[str, bytes]]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, topic, key, value, headers=None) -> None:
+        if self.delay:
+            threading.Event().wait(self.delay)
+        with self._lock:
+            self.events.append((topic, key, value, dict(headers or {})))
+
+    def on(self, topic: str) -> list[tuple[bytes | None, bytes, dict[str, bytes]]]:
+        with self._lock:
+            return [(k, v, h) for t, k, v, h in self.events if t == topic]
+
+    def flush(self, timeout=None) -> bool:
+        return True
+
+    def pending(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 from serving.engine.client import EngineClient
 from serving.engine.types import SamplingParams, StepOutput
 from serving.errors import ValidationError
+from serving.services.completion_events import RequestRecord
 from serving.services.generation import CompletionStream
 from protos.feedloop.v1 import common_pb2, serving_pb2
 
@@ -35,6 +36,13 @@ def generate_prompt(request: serving_pb2.GenerateRequest, engine: EngineClient) 
     if which == "text" and request.text:
         return request.text
     raise ValidationError("`prompt` must be set: non-empty `text` or `chat` messages")
+
+
+def request_record(request: serving_pb2.GenerateRequest, meta: dict[str, str]) -> RequestRecord:
+    """What the completion's event records: the prompt as sent (text or chat messages) and the user
+    and tenant from the call's metadata (`x-feedloop-user`, `x-feedloop-tenant`), as HTTP's headers."""
+    prompt = chat_messages(request.chat) if request.WhichOneof("prompt") == "chat" else request.text
+    return RequestRecord(prompt, user=meta.get("x-feedloop-user", ""), tenant=meta.get("x-feedloop-tenant", ""))
 
 
 def sampling_params(p: common_pb2.SamplingParameters, default_max_new_tokens: int) -> SamplingParams:

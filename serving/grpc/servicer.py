@@ -24,7 +24,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             s = self.services
             prompt = convert.generate_prompt(request, s.engine)
             params = convert.sampling_params(request.parameters, s.settings.max_new_tokens_default)
-            stream = await s.generation.stream(prompt, params)
+            stream = await s.generation.stream(prompt, params, convert.request_record(
+                request, dict(context.invocation_metadata() or ())))
             try:
                 await context.send_initial_metadata((("x-completion-id", stream.completion_id),
                                                      ("x-model-version", stream.model_version)))

@@ -6,6 +6,9 @@
 | PromptTooLong      | INVALID_ARGUMENT   | a ValidationError (TGI answers it 422 too)             |
 | Overloaded         | RESOURCE_EXHAUSTED | the queue is full; retry later with back-off (HTTP 429)|
 | EngineUnavailable  | UNAVAILABLE        | starting or stopping; gRPC clients retry this code     |
+| NotFound           | NOT_FOUND          | e.g. feedback on a completion never served (or not yet |
+|                    |                    | ingested when served by another replica: retry later)  |
+| RecordingUnavailable | UNAVAILABLE      | events cannot be made durable; retry the call          |
 | GenerationError    | INTERNAL           | the engine broke mid-request. Not ABORTED: gRPC keeps  |
 |                    |                    | that for concurrency conflicts the client should redo. |
 | anything else      | INTERNAL           | details say "internal error"; the trace goes to the log|
@@ -21,7 +24,8 @@ from contextlib import asynccontextmanager
 
 import grpc
 
-from serving.errors import EngineUnavailable, FeedloopError, GenerationError, Overloaded, ValidationError
+from serving.errors import (EngineUnavailable, FeedloopError, GenerationError, NotFound, Overloaded,
+                            RecordingUnavailable, ValidationError)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,8 @@ _CODES: tuple[tuple[type[FeedloopError], grpc.StatusCode], ...] = (
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),  # PromptTooLong included
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (RecordingUnavailable, grpc.StatusCode.UNAVAILABLE),
     (GenerationError, grpc.StatusCode.INTERNAL),
 )
 

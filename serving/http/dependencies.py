@@ -10,6 +10,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from serving.services import Services
+from serving.services.completion_events import RequestRecord
+
+USER_HEADER = "X-Feedloop-User"
+TENANT_HEADER = "X-Feedloop-Tenant"
 
 
 def get_services(request: Request) -> Services:
@@ -30,3 +34,12 @@ def served_model_name(services: Services) -> str:
 
 def completion_headers(completion_id: str, model_version: str) -> dict[str, str]:
     return {"X-Completion-Id": completion_id, "X-Model-Version": model_version}
+
+
+def request_record(request: Request, prompt: str | list[dict], user: str | None = None) -> RequestRecord:
+    """What a served completion's event records about its request: the prompt as the user sent it
+    (text, or chat messages before the template), the user (the body's `user` field where the API has
+    one, else the X-Feedloop-User header) and the tenant (X-Feedloop-Tenant). No auth yet: both are
+    recorded as sent."""
+    headers = request.headers
+    return RequestRecord(prompt, user=user or headers.get(USER_HEADER, ""), tenant=headers.get(TENANT_HEADER, ""))

@@ -26,6 +26,8 @@ from serving.errors import FeedloopError, PromptTooLong, ValidationError
 log = logging.getLogger(__name__)
 
 SCORE_PATH = "/v1/score"
+# feedloop's own routes under /v1: OpenAI's error body, but 422 for bad input (not OpenAI endpoints).
+FEEDLOOP_V1_PATHS = frozenset({SCORE_PATH, "/v1/feedback", "/v1/compare"})
 
 
 class InvalidParam(ValidationError):
@@ -53,7 +55,7 @@ def is_openai_path(path: str) -> bool:
 
 def validation_status(path: str) -> int:
     """400 on OpenAI-compatible routes (OpenAI's contract), 422 everywhere else (TGI's)."""
-    return 400 if is_openai_path(path) and path != SCORE_PATH else 422
+    return 400 if is_openai_path(path) and path not in FEEDLOOP_V1_PATHS else 422
 
 
 def _openai_type(status: int) -> str:
@@ -74,7 +76,7 @@ def error_response(path: str, err: ApiError, headers: dict[str, str] | None = No
 def from_feedloop_error(path: str, exc: FeedloopError) -> ApiError:
     """Map an engine/service error onto the route's status and wording."""
     status = validation_status(path) if isinstance(exc, ValidationError) else exc.status
-    if is_openai_path(path) and status not in (400, 422, 429, 503):
+    if is_openai_path(path) and status not in (400, 404, 422, 429, 503):
         status = 500  # a failed generation: OpenAI clients know 500 (and retry it), not TGI's 424
     code = getattr(exc, "code", None)
     if code is None and isinstance(exc, PromptTooLong):

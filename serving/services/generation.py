@@ -1,5 +1,11 @@
 """The generation service: one place where every served answer gets its completion id and model
-version, its metrics, and (later) its event on the feedback bus. HTTP and gRPC both call it."""
+version, its metrics, and its CompletionServed event on the feedback bus. HTTP and gRPC both call it.
+
+What is recorded: answers that finished (eos, stop sequence or length), the moment their last token
+is produced — before it is handed to the transport, so feedback sent right after the answer finds
+the completion in the index. Answers cancelled mid-way (client gone) or failed are not recorded:
+nobody saw a whole answer, so there is nothing to give feedback on or to train from.
+"""
 from __future__ import annotations
 
 import time
@@ -7,9 +13,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from feedback import topics
 from serving.engine.client import EngineClient
 from serving.engine.types import FinishReason, SamplingParams, StepOutput, Token
 from serving.metrics import ServingMetrics
+from serving.services.completion_events import RequestRecord, completion_served
+from serving.services.completion_index import CompletionIndex, ServedCompletion
+from serving.services.recorder import EventRecorder
 
 
 def new_completion_id() -> str:
@@ -49,13 +59,22 @@ class CompletionStream:
 
 
 class GenerationService:
-    def __init__(self, engine: EngineClient, metrics: ServingMetrics) -> None:
+    """`recorder` None: nothing is published (tests, tools). `index` None: nothing is remembered."""
+
+    def __init__(self, engine: EngineClient, metrics: ServingMetrics, recorder: EventRecorder | None = None,
+                 index: CompletionIndex | None = None) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.recorder = recorder
+        self.index = index
 
-    async def stream(self, prompt: str, params: SamplingParams) -> CompletionStream:
+    async def stream(self, prompt: str, params: SamplingParams,
+                     record: RequestRecord | None = None) -> CompletionStream:
         """Start generating. Errors that concern the whole request (validation, overload) are raised
-        here, before anything is sent, so each transport can answer them with a status code."""
+        here, before anything is sent, so each transport can answer them with a status code.
+
+        `prompt` is what the engine reads (chat already rendered); `record` says what the completion's
+        event records (the prompt as the user sent it, user, tenant, comparison)."""
         completion_id = new_completion_id()
         version = self.engine.model_version
         raw = self.engine.generate(prompt, params, completion_id)
@@ -71,17 +90,23 @@ class GenerationService:
             await raw.aclose()
             raise
         self.metrics.time_to_first_token.labels(version).observe(time.perf_counter() - start)
-        return CompletionStream(completion_id, version, self._observe(first, raw, start, version))
+        served = _Served(completion_id, version, prompt, params, record or RequestRecord())
+        return CompletionStream(completion_id, version, self._observe(first, raw, start, served))
 
     async def _observe(self, first: StepOutput, raw: AsyncIterator[StepOutput], start: float,
-                       version: str) -> AsyncIterator[StepOutput]:
+                       served: "_Served") -> AsyncIterator[StepOutput]:
+        version = served.model_version
         last = first
         outcome = "cancelled"
         try:
+            if first.finish_reason is not None:
+                self._finished(served, first)
             yield first
             if first.finish_reason is None:
                 async for out in raw:
                     last = out
+                    if out.finish_reason is not None:
+                        self._finished(served, out)
                     yield out
             outcome = "ok"
         except GeneratorExit:
@@ -101,9 +126,21 @@ class GenerationService:
                 if last.generated_tokens > 1:
                     m.time_per_output_token.labels(version).observe(elapsed / last.generated_tokens)
 
-    async def complete(self, prompt: str, params: SamplingParams) -> Completion:
+    def _finished(self, served: "_Served", last: StepOutput) -> None:
+        """Remember the completion and queue its event. Cheap and non-blocking (no hashing, no I/O):
+        the event is built on the recorder's thread."""
+        prompt = served.record.prompt if served.record.prompt is not None else served.prompt
+        if self.index is not None:
+            self.index.add(served.completion_id,
+                           ServedCompletion(prompt, served.model_version, served.record.comparison_id))
+        if self.recorder is not None:
+            now = time.time_ns()
+            self.recorder.record(topics.COMPLETIONS, lambda: completion_served(
+                served.completion_id, served.model_version, prompt, served.record, served.params, last, now))
+
+    async def complete(self, prompt: str, params: SamplingParams, record: RequestRecord | None = None) -> Completion:
         """Generate the whole answer."""
-        stream = await self.stream(prompt, params)
+        stream = await self.stream(prompt, params, record)
         tokens: list[Token] = []
         last = None
         async for out in stream:
@@ -112,3 +149,14 @@ class GenerationService:
         assert last is not None and last.finish_reason is not None
         return Completion(stream.completion_id, stream.model_version, last.generated_text or "",
                           tokens, last.finish_reason, last.prompt_tokens, last.seed)
+
+
+@dataclass(frozen=True)
+class _Served:
+    """What the completion's event needs besides the engine's last output."""
+
+    completion_id: str
+    model_version: str
+    prompt: str
+    params: SamplingParams
+    record: RequestRecord

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import uvicorn
 
+from feedback.bus.base import EventPublisher
 from serving.http.app import create_app
 from serving.services import Services
 from serving.settings import ServingSettings
@@ -18,10 +19,13 @@ from tests.fakes import FakeEngine, FakeReward
 SMALL_BODY_LIMIT = 4096  # bytes; small so the 413 tests send little
 
 
-def fake_services(data_dir, engine: FakeEngine | None = None, **settings) -> Services:
-    """Services over FakeEngine/FakeReward (default FakeEngine: capacity 4, prompts up to 64 words)."""
+def fake_services(data_dir, engine: FakeEngine | None = None, publisher: EventPublisher | None = None,
+                  **settings) -> Services:
+    """Services over FakeEngine/FakeReward (default FakeEngine: capacity 4, prompts up to 64 words).
+    Without `publisher` nothing is recorded (and /v1/feedback answers 503)."""
     settings.setdefault("max_body_bytes", SMALL_BODY_LIMIT)
-    return Services.build(ServingSettings(data_dir=data_dir, **settings), engine or FakeEngine(), FakeReward())
+    return Services.build(ServingSettings(data_dir=data_dir, **settings), engine or FakeEngine(), FakeReward(),
+                          publisher=publisher)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from serving.engine.types import SamplingParams
-from serving.http.dependencies import ServicesDep, completion_headers, served_model_name
+from serving.http.dependencies import ServicesDep, completion_headers, request_record, served_model_name
 from serving.http.disconnect import unless_disconnected
 from serving.http.errors import ApiError, InvalidParam, error_response
 from serving.http.openai_output import chat_completion, stream_chunks, text_completion
@@ -19,6 +19,7 @@ from serving.http.schemas.openai import (ChatCompletionRequest, ChatTemplateErro
                                          OpenAIErrorBody, flatten_messages)
 from serving.http.sse import EventStreamResponse
 from serving.services import Services
+from serving.services.completion_events import RequestRecord
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -34,9 +35,11 @@ _OK = {200: {"content": {"application/json": {}, "text/event-stream": {}},
 
 @router.post("/chat/completions", responses={**_OK, **ERRORS})
 async def chat_completions(request: Request, body: ChatCompletionRequest, services: ServicesDep) -> Response:
-    prompt = _render_chat(body, services)
+    messages = flatten_messages(body.messages)
+    prompt = _render_chat(messages, services)
     params = body.sampling(**_limits(services))
-    return await _answer(request, services, "chat", prompt, params, body, logprobs=bool(body.logprobs))
+    return await _answer(request, services, "chat", prompt, params, body, logprobs=bool(body.logprobs),
+                         record=request_record(request, messages, body.user))
 
 
 @router.post("/completions", responses={**_OK, **ERRORS})
@@ -44,7 +47,7 @@ async def completions(request: Request, body: CompletionRequest, services: Servi
     params = body.sampling(**_limits(services))
     prompt = body.prompt_text
     return await _answer(request, services, "text", prompt, params, body, logprobs=body.logprobs == 0,
-                         echo=prompt if body.echo else "")
+                         echo=prompt if body.echo else "", record=request_record(request, prompt, body.user))
 
 
 @router.get("/models")
@@ -68,8 +71,7 @@ def _limits(services: Services) -> dict:
             "max_total_tokens": services.engine.info().max_total_tokens}
 
 
-def _render_chat(body: ChatCompletionRequest, services: Services) -> str:
-    messages = flatten_messages(body.messages)
+def _render_chat(messages: list[dict], services: Services) -> str:
     try:
         return services.engine.render_chat(messages)
     except ChatTemplateError as exc:
@@ -77,15 +79,16 @@ def _render_chat(body: ChatCompletionRequest, services: Services) -> str:
 
 
 async def _answer(request: Request, services: Services, kind: str, prompt: str, params: SamplingParams,
-                  body: ChatCompletionRequest | CompletionRequest, *, logprobs: bool, echo: str = "") -> Response:
+                  body: ChatCompletionRequest | CompletionRequest, *, logprobs: bool, echo: str = "",
+                  record: RequestRecord | None = None) -> Response:
     model = served_model_name(services)
     stops = params.stop
     if body.stream:
-        stream = await services.generation.stream(prompt, params)
+        stream = await services.generation.stream(prompt, params, record)
         events = stream_chunks(stream, kind=kind, path=request.url.path, model=model, stops=stops,
                                logprobs=logprobs, include_usage=body.include_usage, echo=echo)
         return EventStreamResponse(events, headers=completion_headers(stream.completion_id, stream.model_version))
-    c = await unless_disconnected(request, lambda: services.generation.complete(prompt, params))
+    c = await unless_disconnected(request, lambda: services.generation.complete(prompt, params, record))
     if isinstance(c, Response):  # the client left; nobody reads this
         return c
     answer = (chat_completion(c, model=model, stops=stops, logprobs=logprobs) if kind == "chat"

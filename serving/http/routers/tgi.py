@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from serving.engine.types import MAX_STOP_SEQUENCES, Token
 from serving.errors import FeedloopError
-from serving.http.dependencies import ServicesDep, completion_headers
+from serving.http.dependencies import ServicesDep, completion_headers, request_record
 from serving.http.disconnect import unless_disconnected
 from serving.http.errors import sse_error_body
 from serving.http.schemas.tgi import ERROR_RESPONSES, GenerateRequest, GenerateResponse, Info, StreamEvent
@@ -79,14 +79,16 @@ def _sampling(body: GenerateRequest, services: Services):
 
 
 async def _streamed_answer(request: Request, body: GenerateRequest, services: Services) -> EventStreamResponse:
-    stream = await services.generation.stream(body.inputs, _sampling(body, services))
+    stream = await services.generation.stream(body.inputs, _sampling(body, services),
+                                              request_record(request, body.inputs))
     return EventStreamResponse(_events(stream, body, request.url.path),
                                headers=completion_headers(stream.completion_id, stream.model_version))
 
 
 async def _whole_answer(request: Request, body: GenerateRequest, services: Services, as_list: bool) -> Response:
     params = _sampling(body, services)
-    c = await unless_disconnected(request, lambda: services.generation.complete(body.inputs, params))
+    record = request_record(request, body.inputs)
+    c = await unless_disconnected(request, lambda: services.generation.complete(body.inputs, params, record))
     if isinstance(c, Response):  # the client left; nobody reads this
         return c
     answer = _generate_body(c, body)
