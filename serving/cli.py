@@ -19,6 +19,8 @@ def _add_serving_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int)
     p.add_argument("--max-input-tokens", type=int)
     p.add_argument("--max-total-tokens", type=int)
+    p.add_argument("--kafka", help="Kafka bootstrap servers host:port[,host:port] (default: the embedded local log)")
+    p.add_argument("--database-url", help="sqlite:///… or postgresql://… (default: SQLite in the data dir)")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServingSettings:
@@ -65,6 +67,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """Consume completions and feedback from the bus into the store until SIGINT/SIGTERM."""
+    import signal
+
+    from feedback import topics
+    from feedback.bus.factory import open_consumer, open_publisher
+    from feedback.ingest import Ingestor
+    from feedback.store.store import FeedbackStore
+    from serving.logs import configure_logging
+    from serving.settings import bus_url, database_url
+
+    configure_logging(args.log_level)
+    settings = settings_from_args(args)
+    store = FeedbackStore(database_url(settings))
+    store.migrate()
+    url = bus_url(settings)
+    consumer = open_consumer(url, settings.data_dir, group_id=args.group, topics=[topics.COMPLETIONS, topics.FEEDBACK])
+    dead_letters = open_publisher(url, settings.data_dir, client_id=f"{args.group}-dead-letters")
+    ingestor = Ingestor(consumer, store, dead_letters=dead_letters)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: ingestor.stop())
+    if args.metrics_port is not None:
+        from feedback.ingest import serve_metrics
+
+        serve_metrics(ingestor, settings.host, args.metrics_port)
+    import logging
+
+    logging.getLogger("feedloop.ingest").info("ingesting", extra={"fl_bus": url, "fl_group": args.group})
+    try:
+        stats = ingestor.run()
+    finally:
+        consumer.close()
+        dead_letters.close()
+        store.close()
+    logging.getLogger("feedloop.ingest").info("stopped", extra={"fl_inserted": stats.inserted,
+                                                               "fl_duplicates": stats.duplicates,
+                                                               "fl_dead_lettered": stats.dead_lettered})
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench.serve import main as bench_serve
 
@@ -87,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print the resolved settings, model paths and versions")
     _add_serving_flags(info)
     info.set_defaults(func=cmd_info)
+
+    ingest = sub.add_parser("ingest", help="consume the bus into the store (a consumer group member)")
+    ingest.add_argument("--data-dir", help="where feedloop writes everything (env FEEDLOOP_DATA_DIR)")
+    ingest.add_argument("--kafka", help="Kafka bootstrap servers (default: the embedded local log)")
+    ingest.add_argument("--database-url", help="sqlite:///… or postgresql://… (default: SQLite in the data dir)")
+    ingest.add_argument("--group", default="feedloop-ingest", help="consumer group id")
+    ingest.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    ingest.add_argument("--host", help="bind address for --metrics-port (default 127.0.0.1)")
+    ingest.add_argument("--log-level", default="INFO")
+    ingest.set_defaults(func=cmd_ingest)
+
+    from feedback.datasets.cli import add_data_commands
+
+    add_data_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (writes docs/benchmarks.md): `feedloop bench serve --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)

@@ -10,7 +10,7 @@ from pathlib import Path
 from serving.engine.local import LocalEngineClient, LocalRewardClient
 from serving.models import ensure_bundled_model, load_policy, load_reward
 from serving.services import Services
-from serving.settings import ServingSettings
+from serving.settings import ServingSettings, bus_url, database_url
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,27 @@ def resolve_policy_path(settings: ServingSettings) -> Path:
     return ensure_bundled_model(settings.data_dir)
 
 
-def build_services(settings: ServingSettings) -> Services:
+def open_recording(settings: ServingSettings):
+    """The publisher for served completions and feedback, and the store lookup for completions this
+    gateway no longer remembers. The store is read only; `feedloop ingest` writes it."""
+    from feedback.bus.factory import open_publisher
+    from feedback.store.store import FeedbackStore
+
+    publisher = open_publisher(bus_url(settings), settings.data_dir, client_id="feedloop-gateway")
+    store = FeedbackStore(database_url(settings))
+    store.migrate()  # idempotent; a fresh data directory gets its tables before the first lookup
+
+    def lookup(ids: list[str]) -> dict[str, str]:
+        try:
+            return store.completion_prompt_keys(ids)
+        except Exception as exc:  # database down: answer from memory only (the client may retry)
+            log.warning("completion lookup failed", extra={"fl_error": f"{type(exc).__name__}: {exc}"})
+            return {}
+
+    return publisher, store, lookup
+
+
+def build_services(settings: ServingSettings, publisher=None, completion_lookup=None) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     policy = load_policy(resolve_policy_path(settings), settings.device, settings.dtype)
     reward = load_reward(Path(settings.reward_model) if settings.reward_model else None, policy,
@@ -57,7 +77,7 @@ def build_services(settings: ServingSettings) -> Services:
                                max_total_tokens=settings.max_total_tokens)
     # Scoring runs on the engine's thread: one thread does all torch work (see LocalEngine.run_job).
     scorer = LocalRewardClient(reward, max_length=settings.max_total_tokens, run_job=engine.engine.run_job)
-    return Services.build(settings, engine, scorer)
+    return Services.build(settings, engine, scorer, publisher=publisher, completion_lookup=completion_lookup)
 
 
 async def in_fresh_thread(fn):
@@ -88,7 +108,10 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     from serving.grpc.server import start_grpc_server, stop_grpc_server
     from serving.http.app import create_app
 
-    services = services or await in_fresh_thread(lambda: build_services(settings))
+    publisher = store = None
+    if services is None:
+        publisher, store, lookup = open_recording(settings)
+        services = await in_fresh_thread(lambda: build_services(settings, publisher, lookup))
     await services.start()
     grpc_server = None
     try:
@@ -100,7 +123,8 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
         log.info("serving", extra={"fl_http": f"http://{settings.host}:{settings.port}",
                                    "fl_grpc": f"{settings.host}:{grpc_server.bound_port}" if grpc_server else None,
                                    "fl_model_version": services.engine.model_version,
-                                   "fl_reward_model_version": services.reward.model_version})
+                                   "fl_reward_model_version": services.reward.model_version,
+                                   "fl_bus": bus_url(settings), "fl_database": _redact(database_url(settings))})
         server = _Server(config)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -110,4 +134,15 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     finally:
         if grpc_server is not None:
             await stop_grpc_server(grpc_server, grace=5)
-        await services.stop()
+        await services.stop()  # drains the recorder into the publisher
+        if publisher is not None:
+            await asyncio.to_thread(publisher.close)
+        if store is not None:
+            store.close()
+
+
+def _redact(url: str) -> str:
+    """A database URL for logs: no password."""
+    import re
+
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

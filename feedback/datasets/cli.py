@@ -8,15 +8,12 @@ from pathlib import Path
 
 from feedback.datasets.export import KINDS, export
 from feedback.store import FeedbackStore
+from serving.paths import data_dir_from_env
 
 
 def default_database_url() -> str:
     """The serving settings' default: FEEDLOOP_DATABASE_URL, else SQLite in the data directory."""
-    if os.environ.get("FEEDLOOP_DATABASE_URL"):
-        return os.environ["FEEDLOOP_DATABASE_URL"]
-    data_dir = os.environ.get("FEEDLOOP_DATA_DIR") or Path(
-        os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "feedloop"
-    return f"sqlite:///{Path(data_dir) / 'feedloop.db'}"
+    return os.environ.get("FEEDLOOP_DATABASE_URL") or f"sqlite:///{data_dir_from_env() / 'feedloop.db'}"
 
 
 def add_data_commands(subparsers) -> None:

@@ -137,6 +137,13 @@ class FeedbackStore:
         with self.engine.connect() as connection:
             return set(self._known_completions(connection, set(completion_ids)))
 
+    def completion_prompt_keys(self, completion_ids: Iterable[str]) -> dict[str, str]:
+        """completion_id → prompt_key for the ids that are stored (one query per LOOKUP_CHUNK ids): the
+        gateway's fallback when a completion is not in its memory."""
+        with self.engine.connect() as connection:
+            known = self._known_completions(connection, set(completion_ids))
+        return {cid: k.prompt_key for cid, k in known.items()}
+
     def get_completion(self, completion_id: str) -> Completion | None:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.get(Completion, completion_id)
