@@ -68,6 +68,7 @@ class Ingestor:
         self.dead_letters = dead_letters
         self.max_records, self.poll_timeout, self.max_backoff = max_records, poll_timeout, max_backoff
         self.park_timeout = park_timeout
+        self.park_retry_interval = min(0.5, park_timeout / 4)
         self.stats = IngestStats()
         self._parked: list[tuple[Record, object, float]] = []  # (record, event, parked since)
         self._uncommitted = False
@@ -78,16 +79,19 @@ class Ingestor:
 
     def run(self, until_idle: float | None = None) -> IngestStats:
         """Ingest until stop() (or, with `until_idle`, until nothing arrived for that many seconds)."""
-        idle_since = time.monotonic()
+        idle_since = last_retry = time.monotonic()
         while not self._stop.is_set():
             records = self.consumer.poll(max_records=self.max_records, timeout=self.poll_timeout)
-            if not records and not self._parked:
-                if until_idle is not None and time.monotonic() - idle_since > until_idle:
+            now = time.monotonic()
+            if not records:
+                if until_idle is not None and now - idle_since > until_idle:
                     break
-                continue
-            if records:
-                idle_since = time.monotonic()
+                if not self._parked or now - last_retry < self.park_retry_interval:
+                    continue
+            else:
+                idle_since = now
                 self._uncommitted = True
+            last_retry = now
             if not self._write_with_retry(records):
                 break  # stopped while the database was down: nothing committed, redelivered later
             if self._uncommitted and not self._parked:
