@@ -83,7 +83,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     store = FeedbackStore(database_url(settings))
     store.migrate()
     url = bus_url(settings)
-    consumer = open_consumer(url, settings.data_dir, group_id=args.group, topics=[topics.COMPLETIONS, topics.FEEDBACK])
+    consumer = open_consumer(url, settings.data_dir, group_id=args.group, topics=[topics.COMPLETIONS, topics.FEEDBACK],
+                             consumer_options={"session_timeout_ms": args.session_timeout_ms})
     dead_letters = open_publisher(url, settings.data_dir, client_id=f"{args.group}-dead-letters")
     ingestor = Ingestor(consumer, store, dead_letters=dead_letters)
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--kafka", help="Kafka bootstrap servers (default: the embedded local log)")
     ingest.add_argument("--database-url", help="sqlite:///… or postgresql://… (default: SQLite in the data dir)")
     ingest.add_argument("--group", default="feedloop-ingest", help="consumer group id")
+    ingest.add_argument("--session-timeout-ms", type=int, default=10_000,
+                        help="Kafka consumer-group session timeout (how soon a dead member's partitions move)")
     ingest.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     ingest.add_argument("--host", help="bind address for --metrics-port (default 127.0.0.1)")
     ingest.add_argument("--log-level", default="INFO")
