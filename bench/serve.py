@@ -182,17 +182,23 @@ def render(rows: list[tuple[int, dict, dict, dict]], args, policy, device: str) 
     return "\n".join(lines)
 
 
-def write_results(section: str, path: Path) -> None:
+def write_section(section: str, path: Path, name: str, heading: str) -> None:
+    """Put `section` between `<!-- name -->` markers in `path` (replacing an earlier run's), under
+    `heading` when the markers are new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    marker = "<!-- bench serve -->"
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        rest = rest.split("<!-- /bench serve -->", 1)[-1]
-        text = head + marker + "\n" + section + "<!-- /bench serve -->" + rest
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    if start in text:
+        head, _, rest = text.partition(start)
+        rest = rest.split(end, 1)[-1]
+        text = head + start + "\n" + section + end + rest
     else:
-        text = text.rstrip() + "\n\n## Serving\n\n" + marker + "\n" + section + "<!-- /bench serve -->\n"
+        text = text.rstrip() + f"\n\n{heading}\n\n{start}\n{section}{end}\n"
     path.write_text(text)
+
+
+def write_results(section: str, path: Path) -> None:
+    write_section(section, path, "bench serve", "## Serving")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,6 +109,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    which = args.rest[0] if args.rest else "serve"
+    if which == "ingest":
+        from bench.ingest import main as bench_ingest
+
+        return bench_ingest(args.rest)
     from bench.serve import main as bench_serve
 
     return bench_serve(args.rest)
@@ -147,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks (writes docs/benchmarks.md): `feedloop bench serve --help`")
+    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
