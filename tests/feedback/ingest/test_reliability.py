@@ -94,6 +94,34 @@ def test_broker_paused_under_load_loses_nothing_acknowledged(tiny_services, kafk
     assert pg_store.counts()["completions"] == 3
 
 
+def test_broker_killed_and_restarted_under_load_loses_nothing_acknowledged(tiny_services, kafka_broker, pg_store,
+                                                                           tmp_path):
+    """The issue's outage: the broker dies while feedback flows and comes back later. Tansu keeps
+    nothing on disk, so it is killed only once the ingestor has caught up (what a replicated Kafka
+    keeps, Tansu cannot); everything acknowledged while it is down waits in the outbox."""
+    publisher = kafka_publisher(kafka_broker.url, tmp_path)
+    services = Services.build(tiny_services.settings, tiny_services.engine, tiny_services.reward, publisher=publisher)
+    consumer = kafka_consumer(kafka_broker.url, tmp_path, "ingest", [topics.COMPLETIONS, topics.FEEDBACK])
+    with serve_http(services) as url, IngestorThread(consumer, pg_store, poll_timeout=0.2) as ingestor:
+        completions = [chat(url, f"outage {i}") for i in range(2)]
+        before = [str(uuid.uuid4()) for _ in range(20)]
+        assert all(rate(url, completions[i % 2], 1, e).status_code == 202 for i, e in enumerate(before))
+        assert wait_until(lambda: len(_event_ids(pg_store, "ratings")) == 20, timeout=60)
+        kafka_broker.kill()
+        during = [str(uuid.uuid4()) for _ in range(40)]
+        assert all(rate(url, completions[i % 2], -1, e).status_code == 202 for i, e in enumerate(during))
+        assert publisher.pending() > 0  # held in the outbox, not lost
+        kafka_broker.start()  # same port, empty: topics are re-created on reconnect
+        assert wait_until(lambda: len(_event_ids(pg_store, "ratings")) >= 60, timeout=90), \
+            f"{len(_event_ids(pg_store, 'ratings'))} of 60 stored; outbox pending {publisher.pending()}"
+        time.sleep(0.5)
+        assert ingestor.stats.dead_lettered == 0
+    services.recorder.close()
+    publisher.close()
+    stored = _event_ids(pg_store, "ratings")
+    assert sorted(stored) == sorted(before + during)
+
+
 def _ingest_process(broker_url: str, data_dir, database_url: str, log) -> subprocess.Popen:
     env = {**os.environ, "FEEDLOOP_DATA_DIR": str(data_dir)}
     return subprocess.Popen([sys.executable, "-m", "serving.cli", "ingest", "--kafka", broker_url,
