@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import httpx
 
 from feedback.ingest import Ingestor
+from tests.feedback.bus.helpers import wait_for
 
 
 def chat(url: str, text: str, user: str = "tester") -> str:
@@ -25,12 +25,7 @@ def rate(url: str, completion_id: str, score: int = 1, event_id: str | None = No
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+    return wait_for(predicate, timeout, interval)
 
 
 class IngestorThread:
