@@ -52,7 +52,10 @@ def open_recording(settings: ServingSettings):
 
     publisher = open_publisher(bus_url(settings), settings.data_dir, client_id="feedloop-gateway")
     store = FeedbackStore(database_url(settings))
-    store.migrate()  # idempotent; a fresh data directory gets its tables before the first lookup
+    try:
+        store.migrate()  # idempotent; a fresh data directory gets its tables before the first lookup
+    except Exception as exc:  # the database is down: serve anyway (the lookup answers from memory)
+        log.warning("store unavailable at start-up", extra={"fl_error": f"{type(exc).__name__}: {exc}"})
 
     def lookup(ids: list[str]) -> dict[str, str]:
         try:
