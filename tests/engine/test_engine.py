@@ -149,3 +149,19 @@ async def test_reward_scores_do_not_depend_on_batch_padding(tiny_services):
     assert len(set(round(s, 4) for s in alone)) == 3
     assert tiny_services.reward.trained is False
     assert together.model_version.endswith("-rm-untrained")
+
+
+@pytest.mark.parametrize("knobs", [dict(temperature=1.3, top_k=20, top_p=0.9), dict(temperature=0.8, top_k=0, top_p=1.0),
+                                   dict(temperature=1.0, top_k=5, top_p=1.0, repetition_penalty=1.3)])
+async def test_seeded_sampling_equals_hf_generate_with_the_same_seed(tiny_services, reference_policy, knobs):
+    """Same processors in the same order as HF (repetition penalty, temperature, top-k, top-p) and
+    one multinomial draw per token from a generator seeded like torch.manual_seed."""
+    params = SamplingParams(max_new_tokens=16, do_sample=True, seed=3,
+                            top_k=knobs["top_k"] or None, top_p=knobs["top_p"], temperature=knobs["temperature"],
+                            repetition_penalty=knobs.get("repetition_penalty"))
+    ids, _ = await _tokens(tiny_services.engine, PROMPTS[6], params)
+    enc = torch.tensor([reference_policy.tokenizer.encode(PROMPTS[6], add_special_tokens=False)])
+    torch.manual_seed(3)
+    ref = reference_policy.model.generate(enc, attention_mask=torch.ones_like(enc), do_sample=True, max_new_tokens=16,
+                                          **knobs)
+    assert ids == ref[0, enc.shape[1]:].tolist()
