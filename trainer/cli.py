@@ -1,0 +1,52 @@
+"""`feedloop train <stage> --config FILE.yaml [--resume] [--deepspeed CONFIG]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from trainer.config import ConfigError, load_config
+from trainer.data import DatasetError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.config import STAGE_CONFIGS
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, STAGE_CONFIGS[args.stage])
+        if args.deepspeed:
+            # DeepSpeed ZeRO is planned (issue 4, scope 7); refusing beats silently training without it.
+            raise ConfigError(f"--deepspeed is not yet supported for the {args.stage} stage; "
+                              "run without it (plain torch)")
+        runner = STAGE_RUNNERS[args.stage]()
+        path = runner(config, resume=args.resume)
+    except (ConfigError, DatasetError, FileExistsError) as e:
+        print(f"feedloop train {args.stage}: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def _sft_runner():
+    from trainer.sft import run_sft  # torch + transformers load only when a stage runs
+
+    return run_sft
+
+
+# Stage → a function returning its `run_<stage>(config, resume=...) -> Path`. Other stages add theirs.
+STAGE_RUNNERS = {"sft": _sft_runner}
+
+
+def add_train_commands(subparsers) -> None:
+    """Register `train <stage>` on the `feedloop` command's subparsers."""
+    train = subparsers.add_parser("train", help="train a stage: `feedloop train sft --config FILE.yaml`")
+    stages = train.add_subparsers(dest="stage", required=True)
+    for stage in STAGE_RUNNERS:
+        p = stages.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--config", required=True, help="YAML recipe (see trainer/configs/ and docs/training.md)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from the newest state in run.output_dir/state/")
+        p.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config JSON (not yet supported)")
+        p.add_argument("--log-level", default="INFO")
+        p.set_defaults(func=cmd_train)

@@ -1,0 +1,260 @@
+"""Training configs: typed dataclasses, one per concern, loaded from YAML recipes (trainer/configs/).
+
+Each field's doc is written once, in its `doc=` metadata: `config_reference` renders the tables in
+docs/training.md from it. Values are checked in `__post_init__`, so a bad recipe fails when it is
+loaded, before any model or data is touched. YAML keys a dataclass does not have are refused (a
+typo such as `lr_rate` would otherwise be silently ignored and train with the default).
+
+A recipe names its stage (`stage: sft`); `STAGE_CONFIGS` maps each stage to its dataclass, and
+the other stages add their entries there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot be used: unknown keys, wrong types or values out of range."""
+
+
+def param(default, doc: str, **kwargs):
+    """A dataclass field with its documentation (the one place the field is described)."""
+    if isinstance(default, (list, dict, tuple)) or dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: value() if isinstance(value, type) else value,
+                     metadata={"doc": doc}, **kwargs)
+    return field(default=default, metadata={"doc": doc}, **kwargs)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay (InstructGPT's SFT recipe)."""
+
+    lr: float = param(1e-5, "peak learning rate, reached at the end of warm-up")
+    weight_decay: float = param(0.0, "AdamW decoupled weight decay (not applied to biases and norm weights)")
+    betas: tuple[float, float] = param((0.9, 0.95), "AdamW β1, β2")
+    eps: float = param(1e-8, "AdamW ε")
+    warmup_steps: int = param(0, "optimizer steps of linear warm-up from 0 (ignored when warmup_ratio is set)")
+    warmup_ratio: float | None = param(None, "warm-up as a share of all optimizer steps, in [0, 1)")
+    schedule: str = param("cosine", "'cosine' (decay to min_lr_ratio · lr after warm-up) or 'constant'")
+    min_lr_ratio: float = param(0.1, "final learning rate of the cosine schedule, as a share of lr")
+    grad_clip: float | None = param(1.0, "clip the global gradient L2 norm to this; null: no clipping")
+    grad_accumulation: int = param(1, "micro-batches per optimizer step (effective batch = batch_size × this)")
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+                 f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.schedule in ("cosine", "constant"),
+                 f"optim.schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip must be > 0 or null, got {self.grad_clip}")
+        _require(self.grad_accumulation >= 1, f"optim.grad_accumulation must be >= 1, got {self.grad_accumulation}")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up length in optimizer steps for a run of `total_steps`."""
+        if self.warmup_ratio is not None:
+            return int(self.warmup_ratio * total_steps)
+        return self.warmup_steps
+
+
+@dataclass
+class DataConfig:
+    """Dataset files (the JSONL that `feedloop data export` writes; see docs/datasets.md)."""
+
+    train: str = param("", "training file, e.g. DIR/sft.train.jsonl")
+    heldout: str | None = param(None, "held-out file evaluated at the end (loss reported in the manifest); null: none")
+    max_length: int = param(1024, "longest sequence in tokens (prompt + response); longer records are an error, "
+                                  "never silently truncated; at most the model's context")
+    batch_size: int = param(8, "sequences per micro-batch")
+    shuffle: bool = param(True, "shuffle the training records each epoch (seeded by run.seed and the epoch)")
+
+    def __post_init__(self):
+        _require(bool(self.train), "data.train must name the training file")
+        _require(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+
+    def files(self) -> list[Path]:
+        """The dataset files, train first (the order of the data snapshot hash)."""
+        return [Path(self.train)] + ([Path(self.heldout)] if self.heldout else [])
+
+
+@dataclass
+class RunConfig:
+    """Where and how a run executes."""
+
+    output_dir: str = param("", "run directory: checkpoint/, state/ and metrics.jsonl go here")
+    seed: int = param(0, "seeds torch and python RNGs and the data order")
+    log_every: int = param(1, "write a metrics line every N optimizer steps")
+    save_every: int = param(50, "save the resumable training state every N optimizer steps (0: only when stopped)")
+    max_steps: int | None = param(None, "stop after at most this many optimizer steps (the schedule is planned for them); "
+                                        "null: run all epochs")
+    device: str = param("auto", "'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1', …")
+    dtype: str = param("auto", "compute dtype: 'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16' (autocast; "
+                               "weights and optimizer state stay fp32)")
+    gradient_checkpointing: bool = param(False, "recompute activations in the backward pass (less memory, ~30% "
+                                                "more compute; on CPU with bf16 it was faster)")
+
+    def __post_init__(self):
+        _require(bool(self.output_dir), "run.output_dir must be set")
+        _require(self.log_every >= 1, f"run.log_every must be >= 1, got {self.log_every}")
+        _require(self.save_every >= 0, f"run.save_every must be >= 0, got {self.save_every}")
+        _require(self.max_steps is None or self.max_steps >= 1, f"run.max_steps must be >= 1 or null, got {self.max_steps}")
+        _require(self.dtype in ("auto", "fp32", "bf16"),
+                 f"run.dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r} (fp16 would need loss scaling)")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"run.device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on demonstrations: next-token loss on response tokens only."""
+
+    stage: str = param("sft", "the stage this recipe is for (picks the dataclass)")
+    model: str = param("bundled", "base checkpoint directory (HF format), or 'bundled' for SmolLM2-135M-Instruct")
+    epochs: int = param(2, "passes over the training file")
+    optim: OptimConfig = param(OptimConfig, "optimizer and schedule")
+    data: DataConfig = param(DataConfig, "dataset files and batching")
+    run: RunConfig = param(RunConfig, "output, seed, device, precision")
+
+    def __post_init__(self):
+        _require(self.stage == "sft", f"stage must be 'sft' for SFTConfig, got {self.stage!r}")
+        _require(bool(self.model), "model must name the base checkpoint (or 'bundled')")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+
+
+# Stage name (a recipe's `stage:` key) → its config dataclass. Other stages register here.
+STAGE_CONFIGS: dict[str, type] = {"sft": SFTConfig}
+
+
+def _convert(value, annotation, where: str):
+    """Check/convert one YAML value to the field's annotation (dataclasses, Optional, tuples, numbers)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(annotation, value, where + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads `1e-5` (no dot) as a string: accept it when it is a number.
+            try:
+                return float(value) if isinstance(value, str) else _fail(where, "a number", value)
+            except ValueError:
+                _fail(where, "a number", value)
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(where, "an integer", value)
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            _fail(where, "true or false", value)
+        return value
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            _fail(where, "a string", value)
+        return str(value)
+    return value
+
+
+def _fail(where: str, expected: str, value):
+    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)} in {cls.__name__} "
+                          f"(known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, cls: type):
+    """Build `cls` from a (YAML) mapping; nested mappings build the nested dataclasses."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(data).__name__}")
+    return _build(cls, data)
+
+
+def load_config(path: str | Path, cls: type | None = None):
+    """Load a YAML recipe into `cls`, or into the dataclass its `stage:` key names (STAGE_CONFIGS)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    if cls is None:
+        stage = data.get("stage")
+        if stage not in STAGE_CONFIGS:
+            raise ConfigError(f"{path}: `stage:` must be one of {', '.join(sorted(STAGE_CONFIGS))}, got {stage!r}")
+        cls = STAGE_CONFIGS[stage]
+    try:
+        return config_from_dict(data, cls)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_dict(config) -> dict:
+    """Plain dict of a config (tuples as lists): what the manifest and the training state record."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def config_reference(cls: type, prefix: str = "") -> str:
+    """Markdown table of a config's fields (key, default, doc), nested dataclasses flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.append(config_reference(hints[f.name], prefix + f.name + ".").split("\n", 2)[2])
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = list(default) if isinstance(default, tuple) else default
+        rows.append(f"| `{prefix}{f.name}` | `{json.dumps(default)}` | {f.metadata.get('doc', '')} |")
+    return "| key | default | meaning |\n|---|---|---|\n" + "\n".join(rows)

@@ -1,0 +1,224 @@
+"""Supervised fine-tuning (InstructGPT step 1): next-token loss on the demonstrations' response tokens.
+
+`run_sft(config)` reads top to bottom: 1. data, 2. model, 3. plan and optimizer, 4. resume,
+5. train, 6. evaluate, 7. checkpoint. Every input is checked in 1–4, before the first step.
+The loss is the mean negative log-likelihood per response token over the whole optimizer step (all
+its micro-batches), so gradient accumulation gives the gradient one big batch would.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from serving.checkpoint import model_version_of
+from serving.models import ensure_bundled_model, resolve_device
+from serving.paths import data_dir_from_env
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
+                                   load_training_state, read_position, save_training_state,
+                                   write_stage_checkpoint)
+from trainer.config import ConfigError, SFTConfig, config_to_dict
+from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft, micro_batches
+from trainer.maths import masked_sum, next_token_logprobs
+from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change between an interrupted run and its resumption (they do not change the result).
+RESUMABLE_CHANGES = {"run.log_every", "run.save_every", "run.device"}
+
+
+def resolve_model_path(model: str) -> Path:
+    """'bundled' → the dequantised SmolLM2 in the data dir (made once); otherwise a checkpoint directory."""
+    if model == "bundled":
+        return ensure_bundled_model(data_dir_from_env())
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"model: {path} is not an HF checkpoint directory (no config.json)")
+    return path
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_resumable(saved: dict, config: dict, saved_hash: str, data_hash: str) -> None:
+    if saved_hash != data_hash:
+        raise ConfigError("the dataset files changed since the interrupted run (data hash differs); "
+                          "start a new run in a new output_dir")
+    old, new = _flat(saved), _flat(config)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(f"cannot resume: the config changed since the interrupted run ({', '.join(changed)})")
+
+
+def response_nll_sum(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Summed negative log-likelihood (nats) of the batch's response tokens (labels != IGNORE_INDEX).
+
+    batch: input_ids, attention_mask, labels, each (B, T).
+    """
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logprobs = next_token_logprobs(logits, batch["input_ids"])  # (B, T-1), float32
+    targets = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1): response tokens being predicted
+    return -masked_sum(logprobs, targets)
+
+
+def count_targets(examples: list[SFTExample]) -> int:
+    """Response tokens the loss covers (the first token is never a target: nothing predicts it)."""
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX) for e in examples)
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[SFTExample], batch_size: int, pad_id: int, device, autocast_dtype) -> float:
+    """Mean NLL per response token (nats) over `examples`."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate_sft(examples[i:i + batch_size], pad_id).items()}
+        total += response_nll_sum(model, batch, autocast_dtype).item()
+    model.train()
+    return total / max(count_targets(examples), 1)
+
+
+def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+    """Run the SFT stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
+
+    resume: continue from the newest state in `run.output_dir/state/` (same result as never stopping).
+    stop_at_step: stop once this many optimizer steps are done, save the training state and return its
+        directory instead (splitting a run across time slots; the tests' interruption).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(config.run.output_dir)
+    final_dir = out / CHECKPOINT_DIR
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
+    if not resume and latest_training_state(out) is not None:
+        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
+    torch.manual_seed(config.run.seed)
+    random.seed(config.run.seed)
+
+    # 1. data: read, validate and tokenise every record before loading any weights.
+    model_path = resolve_model_path(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if context is not None and config.data.max_length > context:
+        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    train = load_sft(config.data.train, tokenizer, config.data.max_length)
+    heldout = load_sft(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
+    data_hash = dataset_hash(config.data.files())
+    config_dict = config_to_dict(config)
+
+    # 2. model: fp32 weights and optimizer state; bf16 only as autocast compute (run.dtype).
+    device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    if config.run.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a cache is useless in training and HF warns with checkpointing
+    model.train()
+
+    # 3. plan and optimizer: an optimizer step = `grad_accumulation` micro-batches; the last step of
+    # an epoch may take fewer.
+    accumulation, batch_size = config.optim.grad_accumulation, config.data.batch_size
+    batches_per_epoch = math.ceil(len(train) / batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = config.epochs * steps_per_epoch
+    if config.run.max_steps is not None:
+        total_steps = min(total_steps, config.run.max_steps)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+
+    # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
+    position = Position(step=0, epoch=0, batch_index=0)
+    if resume:
+        state_dir = latest_training_state(out)
+        if state_dir is None:
+            raise ConfigError(f"--resume: no saved training state under {out}/state")
+        _, saved = read_position(state_dir)
+        _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
+        position = load_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
+
+    def position_after(step: int) -> Position:
+        epoch, window = divmod(step, steps_per_epoch)
+        return Position(step=step, epoch=epoch, batch_index=window * accumulation)
+
+    def save_state(step: int) -> Path:
+        return save_training_state(out, position_after(step), model=model, optimizer=optimizer,
+                                   scheduler=scheduler, config=config_dict, data_hash=data_hash)
+
+    # 5. train
+    metrics_log = MetricsLog(out, resume_step=position.step)
+    throughput = Throughput()
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_loss = None
+    epoch_batches: dict[int, list[list[int]]] = {}
+    bar = progress_bar(total_steps, position.step, "sft")
+    step = position.step
+    try:
+        while step < total_steps:
+            epoch, window = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:  # the order depends only on (seed, epoch): nothing to replay
+                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
+                                                      config.data.shuffle)}
+            window_examples = [[train[i] for i in indices]
+                               for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
+            n_targets = max(count_targets([e for mb in window_examples for e in mb]), 1)
+            window_loss = 0.0
+            for examples in window_examples:
+                batch = {k: v.to(device) for k, v in collate_sft(examples, pad_id).items()}
+                loss = response_nll_sum(model, batch, autocast_dtype) / n_targets  # this micro-batch's share
+                loss.backward()
+                window_loss += loss.item()
+                throughput.add(int(batch["attention_mask"].sum()))
+            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = window_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}")
+            if step % config.run.log_every == 0 or step == total_steps:
+                metrics_log.write({"step": step, "epoch": epoch, "loss": window_loss, "lr": lr,
+                                   "grad_norm": grad_norm, "tokens_per_s": round(throughput.take(), 1)})
+            if stop_at_step is not None and step >= stop_at_step and step < total_steps:
+                return save_state(step)
+            if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
+                save_state(step)
+    except KeyboardInterrupt:
+        # Keep the work done: the steps finished so far are saved, the partial one is redone on resume.
+        if step > position.step:
+            log.warning("interrupted: training state saved at %s", save_state(step))
+        raise
+    finally:
+        bar.close()
+
+    # 6. evaluate: held-out loss per response token, if a held-out file is given.
+    metrics = {"steps": total_steps, "epochs": config.epochs, "train_examples": len(train),
+               "final_loss": last_loss}
+    if heldout:
+        metrics["heldout_loss"] = evaluate(model, heldout, batch_size, pad_id, device, autocast_dtype)
+        metrics_log.write({"step": total_steps, "heldout_loss": metrics["heldout_loss"]})
+
+    # 7. checkpoint: HF files + manifest, atomically; serving loads it as a policy.
+    model.eval()
+    if config.run.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True  # serving wants the cache back
+    return write_stage_checkpoint(final_dir, model, tokenizer, stage="sft",
+                                  parent_version=model_version_of(model_path), data_hash=data_hash,
+                                  config=config_dict, metrics=metrics)
