@@ -149,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=cmd_ingest)
 
     from feedback.datasets.cli import add_data_commands
+    from trainer.cli import add_train_commands
 
     add_data_commands(sub)
+    add_train_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
