@@ -50,3 +50,12 @@ def add_train_commands(subparsers) -> None:
         p.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config JSON (not yet supported)")
         p.add_argument("--log-level", default="INFO")
         p.set_defaults(func=cmd_train)
+
+
+def _dpo_runner():
+    from trainer.dpo import run_dpo
+
+    return run_dpo
+
+
+STAGE_RUNNERS["dpo"] = _dpo_runner

@@ -258,3 +258,36 @@ def config_reference(cls: type, prefix: str = "") -> str:
         default = list(default) if isinstance(default, tuple) else default
         rows.append(f"| `{prefix}{f.name}` | `{json.dumps(default)}` | {f.metadata.get('doc', '')} |")
     return "| key | default | meaning |\n|---|---|---|\n" + "\n".join(rows)
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation on the reward model's ranking groups (no reward model, no rollouts)."""
+
+    stage: str = param("dpo", "the stage this recipe is for (picks the dataclass)")
+    model: str = param("bundled", "checkpoint the policy starts from (the SFT checkpoint, HF format), or 'bundled'")
+    reference: str | None = param(None, "frozen reference checkpoint; null: a separate copy of `model` (the usual "
+                                        "choice: the implicit reward is measured against where training started)")
+    beta: float = param(0.1, "β: strength of the implicit KL constraint (rewards are β · log π/π_ref)")
+    loss_type: str = param("sigmoid", "'sigmoid' (DPO) or 'ipo' (squared loss towards h = 1/(2β))")
+    label_smoothing: float = param(0.0, "probability that a preference label is flipped, in [0, 0.5) "
+                                        "(conservative DPO; sigmoid loss only)")
+    epochs: int = param(1, "passes over the training file")
+    optim: OptimConfig = param(OptimConfig, "optimizer and schedule")
+    data: DataConfig = param(DataConfig, "rm-format files ({prompt, completions best→worst}); "
+                                         "data.batch_size counts ranking groups (prompts) per micro-batch")
+    run: RunConfig = param(RunConfig, "output, seed, device, precision")
+
+    def __post_init__(self):
+        _require(self.stage == "dpo", f"stage must be 'dpo' for DPOConfig, got {self.stage!r}")
+        _require(bool(self.model), "model must name the initial checkpoint (or 'bundled')")
+        _require(self.reference is None or bool(self.reference), "reference must name a checkpoint or be null")
+        _require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _require(self.loss_type in ("sigmoid", "ipo"), f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
+        _require(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _require(self.label_smoothing == 0 or self.loss_type == "sigmoid",
+                 "label_smoothing applies to loss_type 'sigmoid' only")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+
+
+STAGE_CONFIGS["dpo"] = DPOConfig

@@ -1,0 +1,249 @@
+"""Direct preference optimisation (Rafailov et al. 2023): the policy learns the rankings directly,
+without a reward model or rollouts, as the simpler alternative to RM + PPO.
+
+`run_dpo(config)` reads top to bottom like `run_sft`: 1. data, 2. models, 3. plan and optimizer,
+4. resume, 5. train, 6. evaluate, 7. checkpoint. Every input is checked in 1–4, before the first step.
+
+Data are the reward model's ranking groups `{prompt, completions: [best, …, worst]}`. A group of K
+completions gives all C(K, 2) pairs (i better than j for i < j): a ranking says as much about 1st vs
+3rd as about 1st vs 2nd, and each completion is forwarded once however many pairs it is in. Each
+group's loss is the mean over its pairs and the step's loss the mean over its groups, so a prompt
+ranked 9 ways weighs the same as a comparison of 2 (as the ranking loss does for the reward model).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serving.checkpoint import model_version_of
+from serving.models import resolve_device
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
+                                   load_training_state, read_position, save_training_state,
+                                   write_stage_checkpoint)
+from trainer.config import ConfigError, DPOConfig, config_to_dict
+from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, micro_batches, read_records, tokenize_sft
+from trainer.maths import dpo_loss, next_token_logprobs, sequence_logprobs
+from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.sft import _check_resumable as check_resumable
+from trainer.sft import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+STATS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward")  # per-group means, logged per step
+
+
+@dataclass
+class PreferenceGroup:
+    """One ranking: each completion tokenised with its prompt (chat template, prompt masked), best first."""
+
+    completions: list[SFTExample]
+
+    @property
+    def pairs(self) -> int:
+        return len(self.completions) * (len(self.completions) - 1) // 2
+
+
+def load_preferences(path: str | Path, tokenizer, max_length: int) -> list[PreferenceGroup]:
+    """Read, validate (rm format: ≥ 2 completions) and tokenise a whole ranking file."""
+    return [PreferenceGroup([tokenize_sft({"prompt": r["prompt"], "response": c}, tokenizer, max_length,
+                                          f"{path}:{n}: completion {i}")
+                             for i, c in enumerate(r["completions"])])
+            for n, r in read_records(path, "rm")]
+
+
+def completion_logprobs(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """(N,) summed log-probs (nats) of each sequence's completion tokens (labels != IGNORE_INDEX).
+
+    batch: input_ids, attention_mask, labels, each (N, T), from `collate_sft`.
+    """
+    device_type = batch["input_ids"].device.type
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, T, V)
+    logprobs = next_token_logprobs(logits, batch["input_ids"])  # (N, T-1), float32
+    return sequence_logprobs(logprobs, batch["labels"][:, 1:] != IGNORE_INDEX)
+
+
+def preference_losses(policy, reference, groups: list[PreferenceGroup], config: DPOConfig, pad_id: int, device,
+                      autocast_dtype) -> tuple[torch.Tensor, dict[str, float], int]:
+    """DPO over a micro-batch of groups: (sum of the groups' mean pair losses, sums of STATS, tokens).
+
+    The reference's log-probs are computed under no_grad (it is frozen); the sum is differentiable.
+    """
+    batch = {k: v.to(device) for k, v in collate_sft([e for g in groups for e in g.completions], pad_id).items()}
+    policy_lp = completion_logprobs(policy, batch, autocast_dtype)  # (N,), N = Σ K
+    with torch.no_grad():
+        reference_lp = completion_logprobs(reference, batch, autocast_dtype)  # (N,)
+    total, stats, start = policy_lp.new_zeros(()), dict.fromkeys(STATS, 0.0), 0
+    for group in groups:
+        k = len(group.completions)
+        better, worse = torch.triu_indices(k, k, offset=1, device=device)  # (C(K,2),) each: better < worse
+        p, r = policy_lp[start:start + k], reference_lp[start:start + k]
+        out = dpo_loss(p[better], p[worse], r[better], r[worse], beta=config.beta,
+                       label_smoothing=config.label_smoothing, loss_type=config.loss_type)
+        total = total + out.loss
+        for name, value in (("loss", out.loss.detach()), ("accuracy", out.accuracy), ("margin", out.margin),
+                            ("chosen_reward", out.chosen_rewards.mean()),
+                            ("rejected_reward", out.rejected_rewards.mean())):
+            stats[name] += value.item()
+        start += k
+    return total, stats, int(batch["attention_mask"].sum())
+
+
+@torch.no_grad()
+def evaluate(policy, reference, groups: list[PreferenceGroup], config: DPOConfig, pad_id: int, device,
+             autocast_dtype) -> dict[str, float]:
+    """Mean over `groups` of each group's STATS (loss, pair accuracy, reward margin, rewards)."""
+    policy.eval()
+    totals = dict.fromkeys(STATS, 0.0)
+    for i in range(0, len(groups), config.data.batch_size):
+        _, stats, _ = preference_losses(policy, reference, groups[i:i + config.data.batch_size], config, pad_id,
+                                        device, autocast_dtype)
+        totals = {k: totals[k] + stats[k] for k in STATS}
+    policy.train()
+    return {k: v / len(groups) for k, v in totals.items()}
+
+
+def load_frozen(path: Path, device) -> torch.nn.Module:
+    """The reference: fp32 weights, eval mode, no gradients (it never changes)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return model.requires_grad_(False)
+
+
+def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+    """Run the DPO stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
+
+    resume / stop_at_step: as `run_sft` (continue from the newest saved state; stop and save after N steps).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(config.run.output_dir)
+    final_dir = out / CHECKPOINT_DIR
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
+    if not resume and latest_training_state(out) is not None:
+        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
+    torch.manual_seed(config.run.seed)
+    random.seed(config.run.seed)
+
+    # 1. data: read, validate and tokenise every group before loading any weights.
+    model_path = resolve_model_path(config.model)
+    reference_path = resolve_model_path(config.reference) if config.reference else model_path
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if context is not None and config.data.max_length > context:
+        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    train = load_preferences(config.data.train, tokenizer, config.data.max_length)
+    heldout = load_preferences(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
+    data_hash = dataset_hash(config.data.files())
+    config_dict = config_to_dict(config)
+
+    # 2. models: the policy trains in fp32 (bf16 only as autocast compute); the reference is a separate
+    # frozen copy of the initial checkpoint unless `reference` names another one.
+    device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    reference = load_frozen(reference_path, device)
+    if config.run.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    policy.train()
+
+    # 3. plan and optimizer: an optimizer step = `grad_accumulation` micro-batches of `batch_size` groups.
+    accumulation, batch_size = config.optim.grad_accumulation, config.data.batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(train) / batch_size) / accumulation)
+    total_steps = config.epochs * steps_per_epoch
+    if config.run.max_steps is not None:
+        total_steps = min(total_steps, config.run.max_steps)
+    optimizer = build_optimizer(policy, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+
+    # 4. resume: policy, optimizer, scheduler, RNG and data position (the reference is reloaded: frozen).
+    position = Position(step=0, epoch=0, batch_index=0)
+    if resume:
+        state_dir = latest_training_state(out)
+        if state_dir is None:
+            raise ConfigError(f"--resume: no saved training state under {out}/state")
+        _, saved = read_position(state_dir)
+        check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
+        position = load_training_state(state_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
+        log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
+
+    def save_state(step: int) -> Path:
+        epoch, window = divmod(step, steps_per_epoch)
+        return save_training_state(out, Position(step, epoch, window * accumulation), model=policy,
+                                   optimizer=optimizer, scheduler=scheduler, config=config_dict, data_hash=data_hash)
+
+    # 5. train: the step's loss is the mean over its groups of each group's mean pair loss.
+    metrics_log = MetricsLog(out, resume_step=position.step)
+    throughput = Throughput()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+    epoch_batches: dict[int, list[list[int]]] = {}
+    bar = progress_bar(total_steps, position.step, "dpo")
+    step = position.step
+    try:
+        while step < total_steps:
+            epoch, window = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:  # the order depends only on (seed, epoch): nothing to replay
+                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
+                                                      config.data.shuffle)}
+            window_groups = [[train[i] for i in indices]
+                             for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
+            n_groups = sum(len(groups) for groups in window_groups)
+            totals = dict.fromkeys(STATS, 0.0)
+            for groups in window_groups:
+                loss, stats, tokens = preference_losses(policy, reference, groups, config, pad_id, device,
+                                                        autocast_dtype)
+                (loss / n_groups).backward()  # this micro-batch's share of the step's mean
+                totals = {k: totals[k] + stats[k] for k in STATS}
+                throughput.add(tokens)
+            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last = {k: v / n_groups for k, v in totals.items()}
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}", lr=f"{lr:.2e}")
+            if step % config.run.log_every == 0 or step == total_steps:
+                metrics_log.write({"step": step, "epoch": epoch, **last, "lr": lr, "grad_norm": grad_norm,
+                                   "tokens_per_s": round(throughput.take(), 1)})
+            if stop_at_step is not None and step >= stop_at_step and step < total_steps:
+                return save_state(step)
+            if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
+                save_state(step)
+    except KeyboardInterrupt:
+        if step > position.step:  # keep the finished steps; the partial one is redone on resume
+            log.warning("interrupted: training state saved at %s", save_state(step))
+        raise
+    finally:
+        bar.close()
+
+    # 6. evaluate: held-out loss, pair accuracy and reward margin, if a held-out file is given.
+    metrics = {"steps": total_steps, "epochs": config.epochs, "train_groups": len(train),
+               "train_pairs": sum(g.pairs for g in train), "reference_version": model_version_of(reference_path),
+               **{f"final_{k}": v for k, v in last.items()}}
+    if heldout:
+        held = evaluate(policy, reference, heldout, config, pad_id, device, autocast_dtype)
+        metrics.update({f"heldout_{k}": v for k, v in held.items()})
+        metrics_log.write({"step": total_steps, **{f"heldout_{k}": v for k, v in held.items()}})
+
+    # 7. checkpoint: HF files + manifest, atomically; serving loads it as a policy.
+    policy.eval()
+    if config.run.gradient_checkpointing:
+        policy.gradient_checkpointing_disable()
+        policy.config.use_cache = True
+    return write_stage_checkpoint(final_dir, policy, tokenizer, stage="dpo",
+                                  parent_version=model_version_of(model_path), data_hash=data_hash,
+                                  config=config_dict, metrics=metrics)
