@@ -59,3 +59,12 @@ def _dpo_runner():
 
 
 STAGE_RUNNERS["dpo"] = _dpo_runner
+
+
+def _rm_runner():
+    from trainer.reward import run_rm
+
+    return run_rm
+
+
+STAGE_RUNNERS["rm"] = _rm_runner

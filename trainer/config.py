@@ -291,3 +291,47 @@ class DPOConfig:
 
 
 STAGE_CONFIGS["dpo"] = DPOConfig
+
+
+@dataclass
+class RMDataConfig(DataConfig):
+    """Ranking files for the reward model (`feedloop data export --kind rm`), plus the demonstrations
+    that define reward 0."""
+
+    train: str = param("", "training file of rankings, e.g. DIR/rm.train.jsonl")
+    heldout: str | None = param(None, "held-out rankings: pairwise accuracy and loss reported in the manifest; "
+                                      "null: none")
+    max_length: int = param(1024, "longest (prompt, completion) in tokens as the reward model reads it; longer "
+                                  "is an error, never silently truncated; at most the model's context")
+    batch_size: int = param(8, "prompts (ranking groups) per micro-batch; all K completions of a group go in "
+                               "the same forward")
+    demonstrations: str | None = param(None, "SFT file (DIR/sft.train.jsonl) whose responses score 0 on average "
+                                             "after training; null: the best completion of each training group")
+
+    def files(self) -> list[Path]:
+        """train, held-out, then the demonstrations (the order of the data hash)."""
+        return super().files() + ([Path(self.demonstrations)] if self.demonstrations else [])
+
+
+@dataclass
+class RMConfig:
+    """Reward model: a scalar head on the SFT model, trained with the K-way ranking loss."""
+
+    stage: str = param("rm", "the stage this recipe is for (picks the dataclass)")
+    model: str = param("bundled", "checkpoint to start from (the SFT result, HF format), or 'bundled'; its "
+                                  "LM head is replaced by a one-output head")
+    policy: str | None = param(None, "the policy checkpoint the reward model will score (or 'bundled'): its "
+                                     "tokenizer (vocabulary and chat template) must equal the model's; null: "
+                                     "no check")
+    epochs: int = param(1, "passes over the rankings (one: reward models overfit quickly)")
+    optim: OptimConfig = param(OptimConfig, "optimizer and schedule")
+    data: RMDataConfig = param(RMDataConfig, "dataset files and batching")
+    run: RunConfig = param(RunConfig, "output, seed, device, precision")
+
+    def __post_init__(self):
+        _require(self.stage == "rm", f"stage must be 'rm' for RMConfig, got {self.stage!r}")
+        _require(bool(self.model), "model must name the initial checkpoint (or 'bundled')")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+
+
+STAGE_CONFIGS["rm"] = RMConfig

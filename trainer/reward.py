@@ -1,0 +1,266 @@
+"""Reward model (InstructGPT step 2): a scalar head on the SFT model, trained with the K-way ranking loss.
+
+`run_rm(config)` reads top to bottom: 1. data, 2. model, 3. plan and optimizer, 4. resume, 5. train,
+6. centre, 7. evaluate, 8. checkpoint. Every input is checked in 1–4, before the first step.
+
+A sequence's reward is serving's: `render_pair` (chat template over prompt + completion), tokenised
+without added special tokens as `/v1/score` does, right-padded, scored by `reward_scores`. A group's K
+completions go through the same forward; the loss of an optimizer step is `ranking_loss` (the mean over
+its prompts of the mean over each prompt's C(K,2) pairs), so accumulation equals one big batch.
+
+The centring (6): HF's sequence-classification head has no bias, so the constant that makes the
+demonstrations score 0 on average is stored as `config.feedloop_reward_bias`, which `reward_scores`
+adds. Demonstrations are `data.demonstrations` (an SFT file) when set, else the best completion of
+each training ranking (what people preferred: the closest thing to a demonstration the rm file has).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from serving.checkpoint import model_version_of
+from serving.engine.reward import render_pair, reward_scores
+from serving.models import resolve_device
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
+                                   load_training_state, read_position, save_training_state,
+                                   write_stage_checkpoint)
+from trainer.config import ConfigError, RMConfig, config_to_dict
+from trainer.data import DatasetError, micro_batches, read_records
+from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
+from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.sft import _check_resumable, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+BIAS_KEY = "feedloop_reward_bias"  # model config attribute `reward_scores` adds to every score
+
+
+@dataclass
+class RankingGroup:
+    sequences: list[list[int]]  # K token-id lists, best completion first
+
+
+def encode_pair(tokenizer, prompt, response: str, max_length: int, where: str) -> list[int]:
+    """Token ids of (prompt, response) exactly as serving's reward client builds them."""
+    ids = tokenizer.encode(render_pair(tokenizer, prompt, response), add_special_tokens=False)
+    if len(ids) > max_length:
+        raise DatasetError(f"{where}: {len(ids)} tokens exceed data.max_length {max_length}")
+    return ids
+
+
+def load_rankings(path, tokenizer, max_length: int) -> list[RankingGroup]:
+    """Read, validate and tokenise an rm file ({prompt, completions best→worst}, K >= 2)."""
+    return [RankingGroup([encode_pair(tokenizer, r["prompt"], c, max_length, f"{path}:{n}")
+                          for c in r["completions"]]) for n, r in read_records(path, "rm")]
+
+
+def load_demonstrations(path, tokenizer, max_length: int) -> list[list[int]]:
+    return [encode_pair(tokenizer, r["prompt"], r["response"], max_length, f"{path}:{n}")
+            for n, r in read_records(path, "sft")]
+
+
+def collate(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists: input_ids (N, T) int64 and attention_mask (N, T), 1 on real tokens."""
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        attention_mask[i, :len(s)] = 1
+    return input_ids, attention_mask
+
+
+def score(model, sequences: list[list[int]], pad_id: int, device, autocast_dtype) -> torch.Tensor:
+    """(N,) float32 rewards of `sequences`, in one forward (serving's `reward_scores`)."""
+    input_ids, attention_mask = collate(sequences, pad_id)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return reward_scores(model, input_ids.to(device), attention_mask.to(device))
+
+
+def group_rewards(model, groups: list[RankingGroup], pad_id: int, device, autocast_dtype):
+    """rewards (P, K_max) and mask (P, K_max) of `groups`, columns best first (`pad_groups`)."""
+    scores = score(model, [s for g in groups for s in g.sequences], pad_id, device, autocast_dtype)
+    return pad_groups(scores, [len(g.sequences) for g in groups])
+
+
+@torch.no_grad()
+def evaluate(model, groups: list[RankingGroup], batch_size: int, pad_id: int, device, autocast_dtype) -> dict:
+    """Held-out pairwise accuracy (every pair counts once) and ranking loss (prompts weigh the same)."""
+    model.eval()
+    flat = torch.cat([score(model, [s for g in groups[i:i + batch_size] for s in g.sequences], pad_id, device,
+                            autocast_dtype).cpu() for i in range(0, len(groups), batch_size)])  # (N,)
+    model.train()
+    rewards, mask = pad_groups(flat, [len(g.sequences) for g in groups])
+    return {"heldout_accuracy": pairwise_accuracy(rewards, mask).item(),
+            "heldout_loss": ranking_loss(rewards, mask).item()}
+
+
+@torch.no_grad()
+def centre_on(model, demonstrations: list[list[int]], batch_size: int, pad_id: int, device) -> float:
+    """Set the reward bias so that `demonstrations` score 0 on average (fp32); returns the bias."""
+    model.eval()
+    setattr(model.config, BIAS_KEY, 0.0)
+    total = sum(score(model, demonstrations[i:i + batch_size], pad_id, device, None).double().sum().item()
+                for i in range(0, len(demonstrations), batch_size))
+    bias = -total / len(demonstrations)
+    setattr(model.config, BIAS_KEY, bias)
+    return bias
+
+
+def check_same_tokenizer(tokenizer, policy: str) -> None:
+    """The reward model must read text as the policy writes it: same vocabulary and chat template."""
+    from transformers import AutoTokenizer
+
+    policy_tok = AutoTokenizer.from_pretrained(resolve_model_path(policy))
+    if policy_tok.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the reward model's tokenizer does not match the policy's ({policy}): "
+                          f"vocabularies differ ({len(tokenizer)} vs {len(policy_tok)} tokens)")
+    if getattr(policy_tok, "chat_template", None) != getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"the reward model's tokenizer does not match the policy's ({policy}): "
+                          "chat templates differ")
+
+
+def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+    """Run the reward-model stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
+
+    resume, stop_at_step: as for `trainer.sft.run_sft`.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(config.run.output_dir)
+    final_dir = out / CHECKPOINT_DIR
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
+    if not resume and latest_training_state(out) is not None:
+        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
+    torch.manual_seed(config.run.seed)
+    random.seed(config.run.seed)
+
+    # 1. data: the tokenizer check, then every ranking read, validated and tokenised before any weights load.
+    model_path = resolve_model_path(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if config.policy is not None:
+        check_same_tokenizer(tokenizer, config.policy)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if context is not None and config.data.max_length > context:
+        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    train = load_rankings(config.data.train, tokenizer, config.data.max_length)
+    heldout = load_rankings(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
+    demonstrations = (load_demonstrations(config.data.demonstrations, tokenizer, config.data.max_length)
+                      if config.data.demonstrations else [g.sequences[0] for g in train])
+    data_hash = dataset_hash(config.data.files())
+    config_dict = config_to_dict(config)
+
+    # 2. model: the body of `model`, its LM head replaced by a fresh one-output head (seeded above).
+    device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = pad_id
+    model = model.to(device)
+    if config.run.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+
+    # 3. plan and optimizer: a micro-batch is `data.batch_size` groups; a step, `grad_accumulation` of them.
+    accumulation, batch_size = config.optim.grad_accumulation, config.data.batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(train) / batch_size) / accumulation)
+    total_steps = config.epochs * steps_per_epoch
+    if config.run.max_steps is not None:
+        total_steps = min(total_steps, config.run.max_steps)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps)
+
+    # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
+    position = Position(step=0, epoch=0, batch_index=0)
+    if resume:
+        state_dir = latest_training_state(out)
+        if state_dir is None:
+            raise ConfigError(f"--resume: no saved training state under {out}/state")
+        _, saved = read_position(state_dir)
+        _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
+        position = load_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
+
+    def save_state(step: int) -> Path:
+        epoch, window = divmod(step, steps_per_epoch)
+        return save_training_state(out, Position(step, epoch, window * accumulation), model=model,
+                                   optimizer=optimizer, scheduler=scheduler, config=config_dict, data_hash=data_hash)
+
+    # 5. train
+    metrics_log = MetricsLog(out, resume_step=position.step)
+    throughput = Throughput()
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_loss = None
+    epoch_batches: dict[int, list[list[int]]] = {}
+    bar = progress_bar(total_steps, position.step, "rm")
+    step = position.step
+    try:
+        while step < total_steps:
+            epoch, window = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:  # the order depends only on (seed, epoch)
+                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
+                                                      config.data.shuffle)}
+            window_groups = [[train[i] for i in indices]
+                             for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
+            n_prompts = sum(len(groups) for groups in window_groups)
+            window_loss, correct = 0.0, []
+            for groups in window_groups:
+                rewards, mask = group_rewards(model, groups, pad_id, device, autocast_dtype)  # (P, K_max)
+                loss = ranking_loss(rewards, mask) * (len(groups) / n_prompts)  # this micro-batch's share
+                loss.backward()
+                window_loss += loss.item()
+                correct.append(pairwise_accuracy(rewards, mask).item())
+                throughput.add(sum(len(s) for g in groups for s in g.sequences))
+            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = window_loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{window_loss:.4f}", lr=f"{lr:.2e}")
+            if step % config.run.log_every == 0 or step == total_steps:
+                metrics_log.write({"step": step, "epoch": epoch, "loss": window_loss,
+                                   "accuracy": sum(correct) / len(correct), "lr": lr, "grad_norm": grad_norm,
+                                   "tokens_per_s": round(throughput.take(), 1)})
+            if stop_at_step is not None and step >= stop_at_step and step < total_steps:
+                return save_state(step)
+            if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
+                save_state(step)
+    except KeyboardInterrupt:
+        if step > position.step:  # keep the finished steps; the partial one is redone on resume
+            log.warning("interrupted: training state saved at %s", save_state(step))
+        raise
+    finally:
+        bar.close()
+
+    # 6. centre: demonstrations score 0 on average (rankings only fix differences, not the level).
+    if config.run.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.config.use_cache = True
+    bias = centre_on(model, demonstrations, batch_size, pad_id, device)
+
+    # 7. evaluate: held-out pairwise accuracy and loss with the final (centred) model.
+    metrics = {"steps": total_steps, "epochs": config.epochs, "train_groups": len(train), "final_loss": last_loss,
+               "reward_bias": bias, "demonstrations": len(demonstrations)}
+    if heldout:
+        metrics.update(evaluate(model, heldout, batch_size, pad_id, device, autocast_dtype))
+        metrics_log.write({"step": total_steps, "heldout_accuracy": metrics["heldout_accuracy"],
+                           "heldout_loss": metrics["heldout_loss"]})
+
+    # 8. checkpoint: HF files (config.json carries the bias) + manifest stage "rm"; serving's load_reward
+    # loads it as a trained reward model.
+    model.eval()
+    return write_stage_checkpoint(final_dir, model, tokenizer, stage="rm",
+                                  parent_version=model_version_of(model_path), data_hash=data_hash,
+                                  config=config_dict, metrics=metrics)
