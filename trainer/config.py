@@ -335,3 +335,91 @@ class RMConfig:
 
 
 STAGE_CONFIGS["rm"] = RMConfig
+
+
+@dataclass
+class PPODataConfig(DataConfig):
+    """Prompt files for PPO rollouts (`feedloop data export --kind prompts`), plus the ptx text."""
+
+    train: str = param("", "training prompts, e.g. DIR/prompts.train.jsonl ({prompt})")
+    heldout: str | None = param(None, "held-out prompts: fresh rollouts of the final policy are scored and "
+                                      "their mean RM score and KL reported in the manifest; null: none")
+    max_length: int = param(1024, "longest prompt (chat template applied) + max_new_tokens, in tokens; a longer "
+                                  "prompt is an error, never silently truncated; at most the model's context")
+    batch_size: int = param(8, "rollout batch: prompts rolled out (one completion each) per PPO step")
+    mini_batch_size: int = param(4, "rollouts per optimizer step inside the PPO epochs")
+    ptx: str | None = param(None, "pretraining-mix text (DIR/ptx.train.jsonl, {text}) for the ptx term; "
+                                  "null: no ptx term (ptx_coef must then be 0)")
+    ptx_batch_size: int = param(4, "ptx texts per optimizer step")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _require(self.mini_batch_size >= 1, f"data.mini_batch_size must be >= 1, got {self.mini_batch_size}")
+        _require(self.mini_batch_size <= self.batch_size,
+                 f"data.mini_batch_size {self.mini_batch_size} exceeds data.batch_size {self.batch_size}")
+        _require(self.ptx_batch_size >= 1, f"data.ptx_batch_size must be >= 1, got {self.ptx_batch_size}")
+
+    def files(self) -> list[Path]:
+        """prompts, held-out prompts, then the ptx text (the order of the data hash)."""
+        return super().files() + ([Path(self.ptx)] if self.ptx else [])
+
+
+@dataclass
+class PPOConfig:
+    """PPO-ptx (InstructGPT step 3): the SFT policy maximises the frozen RM's score minus β · KL to the SFT
+    model, plus γ_ptx times the next-token loss on pretraining text."""
+
+    stage: str = param("ppo", "the stage this recipe is for (picks the dataclass)")
+    policy: str = param("bundled", "the SFT checkpoint the policy starts from (HF format), or 'bundled'")
+    reward_model: str = param("", "the RM checkpoint (stage rm): frozen scorer, and the value model's start")
+    reference: str | None = param(None, "frozen reference checkpoint for the KL penalty; null: a separate copy "
+                                        "of `policy`")
+    epochs: int = param(1, "passes over the prompts (a PPO step takes data.batch_size of them)")
+    init_kl_coef: float = param(0.02, "β: KL penalty coefficient (the adaptive controller's start)")
+    kl_target: float | None = param(None, "adaptive KL: target KL per sequence (nats, summed over tokens); "
+                                          "null: β stays fixed")
+    kl_horizon: int = param(10000, "adaptive KL: rollouts over which a persistent error moves β by ~e^0.2")
+    kl_estimator: str = param("k1", "per-token KL estimator: 'k1' (log p − log p_ref) or 'k3'")
+    clip_range: float = param(0.2, "ε: PPO policy ratio clip")
+    value_clip: float = param(0.2, "value clip range around the rollout's values (reward units)")
+    value_loss_coef: float = param(1.0, "weight of the value loss (the value model has its own weights)")
+    gamma: float = param(1.0, "γ: discount")
+    lam: float = param(0.95, "λ: GAE parameter")
+    ppo_epochs: int = param(4, "passes over each rollout batch")
+    max_new_tokens: int = param(64, "longest rollout completion in tokens")
+    temperature: float = param(1.0, "rollout sampling temperature (log-probs are of the same tempered policy)")
+    ptx_coef: float = param(0.0, "γ_ptx: weight of the pretraining-mix loss; 0 gives plain PPO")
+    score_clip: float | None = param(None, "clip RM scores to ±this before the KL penalty; null: no clip")
+    whiten_rewards: bool = param(False, "rescale per-token rewards to unit variance (mean kept)")
+    whiten_advantages: bool = param(True, "whiten advantages over each rollout batch")
+    optim: OptimConfig = param(OptimConfig, "optimizer and schedule (policy and value model, one AdamW; the "
+                                            "schedule counts optimizer steps = PPO steps × ppo_epochs × mini-batches)")
+    data: PPODataConfig = param(PPODataConfig, "prompt and ptx files, batch sizes")
+    run: RunConfig = param(RunConfig, "output, seed, device, precision")
+
+    def __post_init__(self):
+        _require(self.stage == "ppo", f"stage must be 'ppo' for PPOConfig, got {self.stage!r}")
+        _require(bool(self.policy), "policy must name the SFT checkpoint (or 'bundled')")
+        _require(bool(self.reward_model), "reward_model must name the RM checkpoint")
+        _require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _require(self.init_kl_coef >= 0, f"init_kl_coef must be >= 0, got {self.init_kl_coef}")
+        _require(self.kl_target is None or self.kl_target > 0, f"kl_target must be > 0 or null, got {self.kl_target}")
+        _require(self.kl_horizon >= 1, f"kl_horizon must be >= 1, got {self.kl_horizon}")
+        _require(self.kl_estimator in ("k1", "k3"), f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        _require(self.clip_range > 0, f"clip_range must be > 0, got {self.clip_range}")
+        _require(self.value_clip > 0, f"value_clip must be > 0, got {self.value_clip}")
+        _require(self.value_loss_coef >= 0, f"value_loss_coef must be >= 0, got {self.value_loss_coef}")
+        _require(0 <= self.gamma <= 1, f"gamma must be in [0, 1], got {self.gamma}")
+        _require(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
+        _require(self.ppo_epochs >= 1, f"ppo_epochs must be >= 1, got {self.ppo_epochs}")
+        _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _require(self.temperature > 0, f"temperature must be > 0 (rollouts sample), got {self.temperature}")
+        _require(self.ptx_coef >= 0, f"ptx_coef must be >= 0, got {self.ptx_coef}")
+        _require(self.ptx_coef == 0 or self.data.ptx is not None, "ptx_coef > 0 needs data.ptx (the ptx text file)")
+        _require(self.score_clip is None or self.score_clip > 0, f"score_clip must be > 0 or null, got {self.score_clip}")
+        _require(self.max_new_tokens < self.data.max_length,
+                 f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in data.max_length "
+                 f"{self.data.max_length}")
+
+
+STAGE_CONFIGS["ppo"] = PPOConfig
