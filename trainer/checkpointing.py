@@ -82,9 +82,13 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(output_dir: Path, position: Position, *, model, optimizer, scheduler,
-                        config: dict, data_hash: str, keep: int = 1) -> Path:
-    """Write `output_dir/state/step-N/` atomically and keep only the newest `keep` states."""
+def save_training_state(output_dir: Path, position: Position, *, model=None, optimizer=None, scheduler=None,
+                        config: dict, data_hash: str, keep: int = 1, engine=None) -> Path:
+    """Write `output_dir/state/step-N/` atomically and keep only the newest `keep` states.
+
+    engine: a `trainer.distributed` engine, instead of model/optimizer/scheduler (a DeepSpeed engine
+    adds its own checkpoint in a sub-directory).
+    """
     root = Path(output_dir) / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{position.step:08d}"
@@ -92,8 +96,12 @@ def save_training_state(output_dir: Path, position: Position, *, model, optimize
     tmp.mkdir()
     try:
         # torch.save keeps tied weights tied (safetensors would refuse the shared tensor).
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": capture_rng()}, tmp / "state.pt")
+        payload = (engine.state_payload() if engine is not None else
+                   {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()})
+        torch.save({**payload, "rng": capture_rng()}, tmp / "state.pt")
+        if engine is not None:
+            engine.save_extra(tmp)
         (tmp / "position.json").write_text(json.dumps(
             {**asdict(position), "data_hash": data_hash, "config": config}, indent=2, sort_keys=True))
         if final.exists():  # the same step saved twice (stopped right after a periodic save)
@@ -120,11 +128,14 @@ def read_position(state_dir: Path) -> tuple[Position, dict]:
     return position, info
 
 
-def load_training_state(state_dir: Path, *, model, optimizer, scheduler) -> Position:
-    """Restore model, optimizer, scheduler and RNG from `state_dir`; returns where to continue."""
+def load_training_state(state_dir: Path, *, model=None, optimizer=None, scheduler=None, engine=None) -> Position:
+    """Restore model, optimizer, scheduler (or `engine`) and RNG from `state_dir`; returns where to continue."""
     payload = torch.load(Path(state_dir) / "state.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    if engine is not None:
+        engine.load(Path(state_dir), payload)
+    else:
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
     restore_rng(payload["rng"])
     return read_position(state_dir)[0]

@@ -15,12 +15,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, STAGE_CONFIGS[args.stage])
-        if args.deepspeed:
-            # DeepSpeed ZeRO is planned (issue 4, scope 7); refusing beats silently training without it.
-            raise ConfigError(f"--deepspeed is not yet supported for the {args.stage} stage; "
-                              "run without it (plain torch)")
         runner = STAGE_RUNNERS[args.stage]()
-        path = runner(config, resume=args.resume)
+        if args.deepspeed:
+            if args.stage not in DEEPSPEED_STAGES:
+                # Refusing beats silently training without it (PPO under DeepSpeed: not yet).
+                raise ConfigError(f"--deepspeed is not yet supported for the {args.stage} stage; "
+                                  "run without it (plain torch)")
+            from trainer.distributed import load_deepspeed_config
+
+            load_deepspeed_config(args.deepspeed)  # a missing or unreadable file fails before any model loads
+            path = runner(config, resume=args.resume, deepspeed=args.deepspeed)
+        else:
+            path = runner(config, resume=args.resume)
     except (ConfigError, DatasetError, FileExistsError) as e:
         print(f"feedloop train {args.stage}: {e}", file=sys.stderr)
         return 2
@@ -36,6 +42,8 @@ def _sft_runner():
 
 # Stage → a function returning its `run_<stage>(config, resume=...) -> Path`. Other stages add theirs.
 STAGE_RUNNERS = {"sft": _sft_runner}
+# Stages whose runner takes `deepspeed=CONFIG` (trainer.distributed: DeepSpeed ZeRO 0-2).
+DEEPSPEED_STAGES = {"sft", "rm", "dpo"}
 
 
 def add_train_commands(subparsers) -> None:
@@ -47,7 +55,9 @@ def add_train_commands(subparsers) -> None:
         p.add_argument("--config", required=True, help="YAML recipe (see trainer/configs/ and docs/training.md)")
         p.add_argument("--resume", action="store_true",
                        help="continue an interrupted run from the newest state in run.output_dir/state/")
-        p.add_argument("--deepspeed", metavar="CONFIG", help="DeepSpeed config JSON (not yet supported)")
+        p.add_argument("--deepspeed", metavar="CONFIG",
+                       help="train under DeepSpeed ZeRO with this config, e.g. trainer/configs/deepspeed/"
+                            "zero2-cpu.json (sft, rm, dpo); plain torch without it")
         p.add_argument("--log-level", default="INFO")
         p.set_defaults(func=cmd_train)
 

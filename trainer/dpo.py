@@ -29,6 +29,7 @@ from trainer.config import ConfigError, DPOConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, micro_batches, read_records, tokenize_sft
 from trainer.maths import dpo_loss, next_token_logprobs, sequence_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.distributed import build_engine
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.sft import _check_resumable as check_resumable
 from trainer.sft import resolve_model_path
@@ -117,10 +118,12 @@ def load_frozen(path: Path, device) -> torch.nn.Module:
     return model.requires_grad_(False)
 
 
-def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = None,
+            deepspeed: str | Path | None = None) -> Path:
     """Run the DPO stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
 
     resume / stop_at_step: as `run_sft` (continue from the newest saved state; stop and save after N steps).
+    deepspeed: a DeepSpeed config file (the policy trains under ZeRO; the frozen reference stays plain).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -165,6 +168,8 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
         total_steps = min(total_steps, config.run.max_steps)
     optimizer = build_optimizer(policy, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    engine = build_engine(policy, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
+                          accumulation=accumulation, deepspeed_config=deepspeed)
 
     # 4. resume: policy, optimizer, scheduler, RNG and data position (the reference is reloaded: frozen).
     position = Position(step=0, epoch=0, batch_index=0)
@@ -174,18 +179,17 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
             raise ConfigError(f"--resume: no saved training state under {out}/state")
         _, saved = read_position(state_dir)
         check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
-        position = load_training_state(state_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
+        position = load_training_state(state_dir, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
 
     def save_state(step: int) -> Path:
         epoch, window = divmod(step, steps_per_epoch)
-        return save_training_state(out, Position(step, epoch, window * accumulation), model=policy,
-                                   optimizer=optimizer, scheduler=scheduler, config=config_dict, data_hash=data_hash)
+        return save_training_state(out, Position(step, epoch, window * accumulation), engine=engine,
+                                   config=config_dict, data_hash=data_hash)
 
     # 5. train: the step's loss is the mean over its groups of each group's mean pair loss.
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
-    params = [p for p in policy.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     epoch_batches: dict[int, list[list[int]]] = {}
     bar = progress_bar(total_steps, position.step, "dpo")
@@ -200,18 +204,13 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
                              for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
             n_groups = sum(len(groups) for groups in window_groups)
             totals = dict.fromkeys(STATS, 0.0)
-            for groups in window_groups:
+            for i, groups in enumerate(window_groups):
                 loss, stats, tokens = preference_losses(policy, reference, groups, config, pad_id, device,
                                                         autocast_dtype)
-                (loss / n_groups).backward()  # this micro-batch's share of the step's mean
+                engine.backward(loss / n_groups, last=i == len(window_groups) - 1)  # this micro-batch's share
                 totals = {k: totals[k] + stats[k] for k in STATS}
                 throughput.add(tokens)
-            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = engine.step()  # clip, update, schedule, zero_grad (plain torch or DeepSpeed)
             step += 1
             last = {k: v / n_groups for k, v in totals.items()}
             bar.update(1)

@@ -33,6 +33,7 @@ from trainer.config import ConfigError, RMConfig, config_to_dict
 from trainer.data import DatasetError, micro_batches, read_records
 from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
 from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.distributed import build_engine
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.sft import _check_resumable, resolve_model_path
 
@@ -126,10 +127,11 @@ def check_same_tokenizer(tokenizer, policy: str) -> None:
                           "chat templates differ")
 
 
-def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = None,
+           deepspeed: str | Path | None = None) -> Path:
     """Run the reward-model stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
 
-    resume, stop_at_step: as for `trainer.sft.run_sft`.
+    resume, stop_at_step, deepspeed: as for `trainer.sft.run_sft`.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -177,6 +179,8 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
         total_steps = min(total_steps, config.run.max_steps)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
+                          accumulation=accumulation, deepspeed_config=deepspeed)
 
     # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
     position = Position(step=0, epoch=0, batch_index=0)
@@ -186,18 +190,17 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
             raise ConfigError(f"--resume: no saved training state under {out}/state")
         _, saved = read_position(state_dir)
         _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
-        position = load_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        position = load_training_state(state_dir, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
 
     def save_state(step: int) -> Path:
         epoch, window = divmod(step, steps_per_epoch)
-        return save_training_state(out, Position(step, epoch, window * accumulation), model=model,
-                                   optimizer=optimizer, scheduler=scheduler, config=config_dict, data_hash=data_hash)
+        return save_training_state(out, Position(step, epoch, window * accumulation), engine=engine,
+                                   config=config_dict, data_hash=data_hash)
 
     # 5. train
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
-    params = [p for p in model.parameters() if p.requires_grad]
     last_loss = None
     epoch_batches: dict[int, list[list[int]]] = {}
     bar = progress_bar(total_steps, position.step, "rm")
@@ -212,19 +215,14 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
                              for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
             n_prompts = sum(len(groups) for groups in window_groups)
             window_loss, correct = 0.0, []
-            for groups in window_groups:
+            for i, groups in enumerate(window_groups):
                 rewards, mask = group_rewards(model, groups, pad_id, device, autocast_dtype)  # (P, K_max)
                 loss = ranking_loss(rewards, mask) * (len(groups) / n_prompts)  # this micro-batch's share
-                loss.backward()
+                engine.backward(loss, last=i == len(window_groups) - 1)
                 window_loss += loss.item()
                 correct.append(pairwise_accuracy(rewards, mask).item())
                 throughput.add(sum(len(s) for g in groups for s in g.sequences))
-            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = engine.step()  # clip, update, schedule, zero_grad (plain torch or DeepSpeed)
             step += 1
             last_loss = window_loss
             bar.update(1)

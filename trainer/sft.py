@@ -24,6 +24,7 @@ from trainer.config import ConfigError, SFTConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft, micro_batches
 from trainer.maths import masked_sum, next_token_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.distributed import build_engine
 from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,14 @@ def evaluate(model, examples: list[SFTExample], batch_size: int, pad_id: int, de
     return total / max(count_targets(examples), 1)
 
 
-def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = None,
+            deepspeed: str | Path | None = None) -> Path:
     """Run the SFT stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
 
     resume: continue from the newest state in `run.output_dir/state/` (same result as never stopping).
     stop_at_step: stop once this many optimizer steps are done, save the training state and return its
         directory instead (splitting a run across time slots; the tests' interruption).
+    deepspeed: a DeepSpeed config file: apply the updates with DeepSpeed ZeRO (trainer.distributed).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -138,6 +141,8 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
         total_steps = min(total_steps, config.run.max_steps)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
+    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
+                          accumulation=accumulation, deepspeed_config=deepspeed)
 
     # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
     position = Position(step=0, epoch=0, batch_index=0)
@@ -147,7 +152,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
             raise ConfigError(f"--resume: no saved training state under {out}/state")
         _, saved = read_position(state_dir)
         _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
-        position = load_training_state(state_dir, model=model, optimizer=optimizer, scheduler=scheduler)
+        position = load_training_state(state_dir, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
 
     def position_after(step: int) -> Position:
@@ -155,13 +160,12 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
         return Position(step=step, epoch=epoch, batch_index=window * accumulation)
 
     def save_state(step: int) -> Path:
-        return save_training_state(out, position_after(step), model=model, optimizer=optimizer,
-                                   scheduler=scheduler, config=config_dict, data_hash=data_hash)
+        return save_training_state(out, position_after(step), engine=engine, config=config_dict,
+                                   data_hash=data_hash)
 
     # 5. train
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
-    params = [p for p in model.parameters() if p.requires_grad]
     last_loss = None
     epoch_batches: dict[int, list[list[int]]] = {}
     bar = progress_bar(total_steps, position.step, "sft")
@@ -176,18 +180,13 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
                                for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
             n_targets = max(count_targets([e for mb in window_examples for e in mb]), 1)
             window_loss = 0.0
-            for examples in window_examples:
+            for i, examples in enumerate(window_examples):
                 batch = {k: v.to(device) for k, v in collate_sft(examples, pad_id).items()}
                 loss = response_nll_sum(model, batch, autocast_dtype) / n_targets  # this micro-batch's share
-                loss.backward()
+                engine.backward(loss, last=i == len(window_examples) - 1)
                 window_loss += loss.item()
                 throughput.add(int(batch["attention_mask"].sum()))
-            max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = engine.step()  # clip, update, schedule, zero_grad (plain torch or DeepSpeed)
             step += 1
             last_loss = window_loss
             bar.update(1)

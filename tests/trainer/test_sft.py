@@ -127,7 +127,7 @@ def test_cli_refuses_deepspeed_and_bad_recipes_clearly(tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("stage: sft\nmodel: m\ndata: {train: t.jsonl}\nrun: {output_dir: out}\n")
     assert _cli(["train", "sft", "--config", str(recipe), "--deepspeed", "ds.json"]) == 2
-    assert "--deepspeed is not yet supported for the sft stage" in capsys.readouterr().err
+    assert "DeepSpeed config ds.json not found" in capsys.readouterr().err
     recipe.write_text("stage: sft\nmodle: m\n")
     assert _cli(["train", "sft", "--config", str(recipe)]) == 2
     assert "unknown key(s) modle" in capsys.readouterr().err
