@@ -78,3 +78,12 @@ def _rm_runner():
 
 
 STAGE_RUNNERS["rm"] = _rm_runner
+
+
+def _ppo_runner():
+    from trainer.ppo import run_ppo
+
+    return run_ppo
+
+
+STAGE_RUNNERS["ppo"] = _ppo_runner

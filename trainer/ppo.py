@@ -1,0 +1,325 @@
+"""PPO-ptx (InstructGPT step 3): the SFT policy maximises the reward model's score of its own rollouts,
+minus β · KL to the frozen SFT reference per token, plus γ_ptx times the next-token loss on ptx text.
+
+`run_ppo(config)` reads top to bottom: 1. data, 2. models, 3. plan and optimizer, 4. resume, 5. train
+(one `ppo_step` per rollout batch), 6. evaluate, 7. checkpoint. `ppo_step` reads as the algorithm:
+1. rollouts, 2. rewards and KL, 3. advantages, 4. PPO epochs, 5. ptx (inside each mini-batch).
+
+Models:
+- policy: the SFT checkpoint, trained; the serving engine (`LocalEngine`) wraps this very object and
+  generates the rollouts with its continuous batching (trainer/rollouts.py).
+- reference: a frozen copy of the SFT checkpoint (or `reference`): the KL anchor.
+- reward model: the RM checkpoint, frozen; scores exactly as `/v1/score` (render_pair, reward_scores,
+  the config's `feedloop_reward_bias` included).
+- value model: a second copy of the RM, trained: its body and scalar head `score` applied to EVERY
+  position's hidden state (plus the RM's bias), so V(s_t) starts as "the RM's score if the text ended
+  here". `token_values` is that per-token read-out; the value model has its own weights (no shared body).
+
+Resume: policy, value model and β (a buffer) are one `ModuleDict`, trained by one AdamW (gradient
+norms clipped per model), so `save_training_state` captures them with the optimizer, scheduler and
+RNG. Rollouts draw from per-request seeds of (seed, step, index) and mini-batch orders from
+generators of (seed, step, epoch), so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from serving.checkpoint import model_version_of
+from serving.engine.engine import LocalEngine
+from serving.models import resolve_device
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
+                                   load_training_state, read_position, save_training_state,
+                                   write_stage_checkpoint)
+from trainer.config import ConfigError, PPOConfig, config_to_dict
+from trainer.data import micro_batches
+from trainer.dpo import load_frozen
+from trainer.maths import (AdaptiveKLController, FixedKLController, entropy, gae, kl_penalty, masked_sum,
+                           next_token_logprobs, per_token_rewards, policy_loss, ptx_loss, value_loss,
+                           whiten_advantages)
+from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.reward import check_same_tokenizer
+from trainer.rollouts import collate_rollouts, generate, load_prompts, load_ptx, score_rollouts
+from trainer.sft import _check_resumable, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def policy_logits(policy, input_ids, attention_mask, temperature: float, autocast_dtype) -> torch.Tensor:
+    """(B, T, V) logits of the sampling distribution (divided by the rollout temperature)."""
+    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = policy(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_values(value_model, input_ids, attention_mask, autocast_dtype) -> torch.Tensor:
+    """(B, T − 1) float32 V(s_t): the RM head on the hidden state at t, the state before token t + 1."""
+    body = getattr(value_model, value_model.base_model_prefix)
+    with torch.autocast(input_ids.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        values = value_model.score(hidden).squeeze(-1).float()  # (B, T)
+    bias = getattr(value_model.config, "feedloop_reward_bias", None) or 0.0
+    return values[:, :-1] + bias
+
+
+def ptx_batch(ptx: list[list[int]], indices: list[int], pad_id: int, device):
+    """Right-padded ptx texts: input_ids (N, T), mask (N, T)."""
+    width = max(len(ptx[i]) for i in indices)
+    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), width), dtype=torch.bool)
+    for row, i in enumerate(indices):
+        ids[row, :len(ptx[i])] = torch.tensor(ptx[i])
+        mask[row, :len(ptx[i])] = True
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def ptx_nll(policy, ptx: list[list[int]], batch_size: int, pad_id: int, device, autocast_dtype) -> float:
+    """Mean next-token NLL (nats per token) of the policy on all ptx texts: the 'pretraining loss'."""
+    total, count = 0.0, 0
+    for start in range(0, len(ptx), batch_size):
+        ids, mask = ptx_batch(ptx, list(range(start, min(start + batch_size, len(ptx)))), pad_id, device)
+        logprobs = next_token_logprobs(policy_logits(policy, ids, mask.long(), 1.0, autocast_dtype), ids)
+        total += -masked_sum(logprobs, mask[:, 1:]).item()
+        count += int(mask[:, 1:].sum())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_rollouts(engine, policy, reference, reward_model, tokenizer, prompts, config: PPOConfig, pad_id,
+                      device, autocast_dtype, step: int) -> dict[str, float]:
+    """Fresh rollouts of the current policy on `prompts`: mean RM score and mean KL (k1, nats per sequence)."""
+    rollouts = generate(engine, prompts, config.max_new_tokens, config.temperature, config.run.seed, step)
+    scores = score_rollouts(reward_model, tokenizer, rollouts, pad_id, device, autocast_dtype, config.data.max_length)
+    ids, attn, mask = (t.to(device) for t in collate_rollouts(rollouts, pad_id))
+    logprobs = next_token_logprobs(policy_logits(policy, ids, attn, config.temperature, autocast_dtype), ids)
+    ref_logprobs = next_token_logprobs(policy_logits(reference, ids, attn, config.temperature, autocast_dtype), ids)
+    kl = masked_sum(logprobs - ref_logprobs, mask, dim=-1)  # (B,)
+    return {"score": scores.mean().item(), "kl": kl.mean().item()}
+
+
+def ppo_step(step: int, prompts, *, engine, models, reference, reward_model, kl_controller, optimizer, scheduler,
+             ptx, tokenizer, config: PPOConfig, pad_id: int, device, autocast_dtype) -> dict[str, float]:
+    """One PPO step on a rollout batch of `prompts`; returns the step's metrics."""
+    policy, value_model = models["policy"], models["value_model"]
+    seed = config.run.seed
+
+    # 1. rollouts: the engine samples one completion per prompt from the current weights.
+    rollouts = generate(engine, prompts, config.max_new_tokens, config.temperature, seed, step)
+    input_ids, attention_mask, mask = (t.to(device) for t in collate_rollouts(rollouts, pad_id))  # (B, T), (B, T), (B, T-1)
+    with torch.no_grad():
+        scores = score_rollouts(reward_model, tokenizer, rollouts, pad_id, device, autocast_dtype,
+                                config.data.max_length)  # (B,)
+        old_logprobs = next_token_logprobs(
+            policy_logits(policy, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)  # (B, T-1)
+        ref_logprobs = next_token_logprobs(
+            policy_logits(reference, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)
+        old_values = token_values(value_model, input_ids, attention_mask, autocast_dtype)  # (B, T-1)
+
+    # 2. rewards and KL: the score at each completion's last token, −β · KL at every token.
+    beta = kl_controller.value
+    kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator)  # (B, T-1)
+    rewards = per_token_rewards(scores, kl, mask, beta, config.score_clip, config.whiten_rewards)  # (B, T-1)
+    sequence_kl = masked_sum(kl, mask, dim=-1).mean().item()  # nats per sequence
+
+    # 3. advantages: GAE over each completion, whitened over the batch.
+    advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)  # (B, T-1) each
+    if config.whiten_advantages:
+        advantages = whiten_advantages(advantages, mask)
+
+    # 4. PPO epochs: shuffled mini-batches, clipped policy and value losses, one optimizer step each.
+    n = len(rollouts)
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy",
+                                                     "approx_kl", "value_clip_fraction", "ptx_loss")}
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
+    for epoch in range(config.ppo_epochs):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + epoch))
+        for k, start in enumerate(range(0, n, config.data.mini_batch_size)):
+            mb = order[start:start + config.data.mini_batch_size].to(device)
+            ids, attn, m = input_ids[mb], attention_mask[mb], mask[mb]
+            logits = policy_logits(policy, ids, attn, config.temperature, autocast_dtype)  # (b, T, V)
+            pl = policy_loss(next_token_logprobs(logits, ids), old_logprobs[mb], advantages[mb], m, config.clip_range)
+            vl = value_loss(token_values(value_model, ids, attn, autocast_dtype), old_values[mb], returns[mb], m,
+                            config.value_clip)
+            loss = pl.loss + config.value_loss_coef * vl.loss
+            with torch.no_grad():
+                stats["entropy"].append(entropy(logits[:, :-1], m).item())
+
+            # 5. ptx: γ_ptx · next-token loss on a ptx batch, in the same update (InstructGPT eq. 2).
+            if ptx:
+                g = torch.Generator().manual_seed(seed * 7_919 + step * 1_009 + epoch * 101 + k)
+                chosen = torch.randint(len(ptx), (config.data.ptx_batch_size,), generator=g).tolist()
+                ptx_ids, ptx_mask = ptx_batch(ptx, chosen, pad_id, device)
+                with torch.set_grad_enabled(config.ptx_coef > 0):  # coef 0: measured, not trained
+                    px = ptx_loss(policy_logits(policy, ptx_ids, ptx_mask.long(), 1.0, autocast_dtype), ptx_ids,
+                                  ptx_mask, config.ptx_coef)
+                if config.ptx_coef > 0:
+                    loss = loss + px.loss
+                stats["ptx_loss"].append(px.nll.item())
+
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
+            torch.nn.utils.clip_grad_norm_(value_params, max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            for name, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_fraction", pl.clip_fraction),
+                                ("approx_kl", pl.approx_kl), ("value_clip_fraction", vl.clip_fraction)):
+                stats[name].append(value.item())
+
+    kl_controller.update(sequence_kl, n)
+    means = {k: (sum(v) / len(v) if v else None) for k, v in stats.items()}
+    return {"score": scores.mean().item(), "score_std": scores.std().item() if n > 1 else 0.0, "kl": sequence_kl,
+            "kl_coef": beta, **means, "response_length": mask.sum(-1).float().mean().item(),
+            "tokens": int(attention_mask.sum())}
+
+
+def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+    """Run the PPO stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
+
+    resume, stop_at_step: as for `trainer.sft.run_sft` (a PPO step is one rollout batch).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    out = Path(config.run.output_dir)
+    final_dir = out / CHECKPOINT_DIR
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
+    if not resume and latest_training_state(out) is not None:
+        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
+    torch.manual_seed(config.run.seed)
+    random.seed(config.run.seed)
+
+    # 1. data: tokenizers must match (the RM reads what the policy writes); prompts and ptx text checked.
+    policy_path = resolve_model_path(config.policy)
+    reward_path = resolve_model_path(config.reward_model)
+    reference_path = resolve_model_path(config.reference) if config.reference else policy_path
+    tokenizer = AutoTokenizer.from_pretrained(policy_path)
+    check_same_tokenizer(AutoTokenizer.from_pretrained(reward_path), config.policy)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    context = getattr(AutoConfig.from_pretrained(policy_path), "max_position_embeddings", None)
+    if context is not None and config.data.max_length > context:
+        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    max_prompt = config.data.max_length - config.max_new_tokens
+    train = load_prompts(config.data.train, tokenizer, max_prompt)
+    heldout = load_prompts(config.data.heldout, tokenizer, max_prompt) if config.data.heldout else []
+    ptx = load_ptx(config.data.ptx, tokenizer, config.data.max_length) if config.data.ptx else []
+    data_hash = dataset_hash(config.data.files())
+    config_dict = config_to_dict(config)
+
+    # 2. models: policy and value model train in fp32; reference and reward model are frozen.
+    device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    reference = load_frozen(reference_path, device)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=torch.float32)
+    reward_model.config.pad_token_id = pad_id
+    reward_model = reward_model.to(device).eval().requires_grad_(False)
+    value_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=torch.float32)
+    value_model.config.pad_token_id = pad_id
+    value_model = value_model.to(device)
+    if config.run.gradient_checkpointing:
+        for model in (policy, value_model):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # eval mode throughout: no dropout, so the rollout's log-probs and the update's agree
+    policy.eval()
+    value_model.eval()
+    models = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
+    models.register_buffer("kl_coef", torch.tensor(config.init_kl_coef, dtype=torch.float64))
+    eos = policy.generation_config.eos_token_id if policy.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    engine = LocalEngine(policy, tokenizer, tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
+                         max_batch_size=max(config.data.batch_size, 1), max_queue=max(len(train), len(heldout), 1),
+                         max_input_tokens=max_prompt, max_total_tokens=config.data.max_length)
+
+    # 3. plan and optimizer: a PPO step per rollout batch; ppo_epochs × mini-batches optimizer steps each.
+    batch_size = config.data.batch_size
+    steps_per_epoch = math.ceil(len(train) / batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    if config.run.max_steps is not None:
+        total_steps = min(total_steps, config.run.max_steps)
+    updates_per_step = config.ppo_epochs * math.ceil(batch_size / config.data.mini_batch_size)
+    optimizer = build_optimizer(models, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, total_steps * updates_per_step)
+
+    # 4. resume: policy, value model, β, optimizer, scheduler, RNG and the step.
+    position = Position(step=0, epoch=0, batch_index=0)
+    if resume:
+        state_dir = latest_training_state(out)
+        if state_dir is None:
+            raise ConfigError(f"--resume: no saved training state under {out}/state")
+        _, saved = read_position(state_dir)
+        _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
+        position = load_training_state(state_dir, model=models, optimizer=optimizer, scheduler=scheduler)
+        log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
+    kl_controller = (AdaptiveKLController(models.kl_coef.item(), config.kl_target, config.kl_horizon)
+                     if config.kl_target is not None else FixedKLController(models.kl_coef.item()))
+
+    def save_state(step: int) -> Path:
+        models.kl_coef.fill_(kl_controller.value)
+        epoch, batch = divmod(step, steps_per_epoch)
+        return save_training_state(out, Position(step, epoch, batch), model=models, optimizer=optimizer,
+                                   scheduler=scheduler, config=config_dict, data_hash=data_hash)
+
+    # 5. train: one PPO step per rollout batch of prompts.
+    metrics_log = MetricsLog(out, resume_step=position.step)
+    throughput = Throughput()
+    last: dict = {}
+    epoch_batches: dict[int, list[list[int]]] = {}
+    bar = progress_bar(total_steps, position.step, "ppo")
+    step = position.step
+    try:
+        while step < total_steps:
+            epoch, batch = divmod(step, steps_per_epoch)
+            if epoch not in epoch_batches:  # the order depends only on (seed, epoch)
+                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
+                                                      config.data.shuffle)}
+            prompts = [train[i] for i in epoch_batches[epoch][batch]]
+            last = ppo_step(step, prompts, engine=engine, models=models, reference=reference,
+                            reward_model=reward_model, kl_controller=kl_controller, optimizer=optimizer,
+                            scheduler=scheduler, ptx=ptx, tokenizer=tokenizer, config=config, pad_id=pad_id,
+                            device=device, autocast_dtype=autocast_dtype)
+            throughput.add(last.pop("tokens"))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
+            if step % config.run.log_every == 0 or step == total_steps:
+                metrics_log.write({"step": step, "epoch": epoch, **last, "lr": scheduler.get_last_lr()[0],
+                                   "tokens_per_s": round(throughput.take(), 1)})
+            if stop_at_step is not None and step >= stop_at_step and step < total_steps:
+                return save_state(step)
+            if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
+                save_state(step)
+    except KeyboardInterrupt:
+        if step > position.step:  # keep the finished steps; the partial one is redone on resume
+            log.warning("interrupted: training state saved at %s", save_state(step))
+        raise
+    finally:
+        bar.close()
+
+    # 6. evaluate: fresh rollouts on the held-out prompts; the policy's loss on the ptx text.
+    if config.run.gradient_checkpointing:
+        policy.gradient_checkpointing_disable()
+    metrics = {"steps": total_steps, "epochs": config.epochs, "train_prompts": len(train),
+               "reward_model_version": model_version_of(reward_path),
+               "reference_version": model_version_of(reference_path), "final_kl_coef": kl_controller.value,
+               **{f"final_{k}": v for k, v in last.items()}}
+    if heldout:
+        held = evaluate_rollouts(engine, policy, reference, reward_model, tokenizer, heldout, config, pad_id, device,
+                                 autocast_dtype, step=-1)
+        metrics.update({f"heldout_{k}": v for k, v in held.items()})
+        metrics_log.write({"step": total_steps, **{f"heldout_{k}": v for k, v in held.items()}})
+    if ptx:
+        metrics["ptx_nll"] = ptx_nll(policy, ptx, config.data.ptx_batch_size, pad_id, device, autocast_dtype)
+
+    # 7. checkpoint: the policy as HF files + manifest stage "ppo"; serving loads it as a policy.
+    return write_stage_checkpoint(final_dir, policy, tokenizer, stage="ppo",
+                                  parent_version=model_version_of(policy_path), data_hash=data_hash,
+                                  config=config_dict, metrics=metrics)
