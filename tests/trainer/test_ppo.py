@@ -187,3 +187,78 @@ def test_docs_carry_the_ppo_fields():
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
     assert config_reference(PPOConfig) in docs
+
+
+MARKER = " banana"
+WORDS = [" red", " blue", " green", " cat", " dog", " sun", " moon", MARKER]
+
+
+def make_marker_reward_model(policy_dir: Path, out_dir: Path, marker_id: int, scale: float = 30.0,
+                             bias: float = -1.0) -> Path:
+    """A reward model that scores the share of `marker_id` tokens in the sequence, built by hand from the
+    policy's weights (no training, so nothing about it is left to chance):
+
+    - residual dimension 0 is zeroed in every embedding but the marker's (set to 4), so it only says
+      "this token is the marker";
+    - layer 0's attention gets q = 0, so every position attends uniformly to its whole prefix; its
+      value reads dimension 0 and o_proj writes it back to dimension 0; every other attention output
+      and every MLP is zeroed. The last token's hidden state is then its own embedding plus, in
+      dimension 0, (markers in the sequence / its length) × a constant;
+    - the head reads dimension 0 (× scale) after the final norm, so more markers score higher; a bias
+      (config.feedloop_reward_bias, as the RM stage sets it, and added by `reward_scores`) moves the level.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(policy_dir, num_labels=1, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in rm.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+            layer.self_attn.o_proj.weight.zero_()
+        attention = rm.model.layers[0].self_attn
+        attention.q_proj.weight.zero_()
+        attention.v_proj.weight.zero_()
+        attention.v_proj.weight[0, 0] = 1.0
+        attention.o_proj.weight[0, 0] = 1.0
+        rm.model.embed_tokens.weight[:, 0] = 0.0
+        rm.model.embed_tokens.weight[marker_id, 0] = 4.0
+        rm.score.weight.zero_()
+        rm.score.weight[0, 0] = scale
+    rm.config.feedloop_reward_bias = bias
+    rm.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out_dir)
+    return out_dir
+
+
+def test_ppo_learns_a_synthetic_preference_within_a_kl_budget(tmp_path, tiny_model_dir):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from tests.trainer.sft_fixtures import tiny_sft_config
+    from trainer.sft import run_sft
+
+    # The InstructGPT pipeline in miniature. SFT: answers are "ok" + 6 words drawn uniformly from WORDS,
+    # so the SFT policy writes the marker word about once per answer. RM: scores the share of marker
+    # tokens (constructed, above). PPO from the SFT policy, reference = SFT, 9 steps of 8 rollouts.
+    # Measured (2 CPU cores, ~30 s): fresh held-out score 1.71 → 23.2 with KL 7.4 nats per sequence
+    # (run.seed 1: → 17.9, KL 5.9).
+    rng = random.Random(0)
+    demos = [{"prompt": f"Tell me about {rng.choice(TOPICS)}.", "response": "ok" + "".join(rng.choice(WORDS) for _ in range(6))}
+             for _ in range(48)]
+    sft = run_sft(tiny_sft_config(tmp_path / "sft", tiny_model_dir, records=demos, epochs=10, run={"save_every": 0}))
+    (marker_id,) = AutoTokenizer.from_pretrained(sft).encode(MARKER, add_special_tokens=False)
+    reward_dir = make_marker_reward_model(sft, tmp_path / "marker-rm", marker_id)
+    config = tiny_ppo_config(tmp_path / "ppo", sft, reward_dir, records=prompts((TOPICS * 2)[:24]), epochs=3,
+                             optim={"lr": 5e-4}, data={"batch_size": 8, "mini_batch_size": 4}, run={"save_every": 0})
+    path = run_ppo(config)
+
+    # Fresh rollouts by the engine on held-out prompts, with seeds of their own, before and after.
+    words = TOPICS[8:]
+    before = fresh_rollouts(sft, sft, reward_dir, words, tmp_path / "before")
+    after = fresh_rollouts(path, sft, reward_dir, words, tmp_path / "after")
+    assert before["kl"] == pytest.approx(0.0, abs=1e-4)
+    assert after["score"] > before["score"] + 8, (before, after)
+    # The KL budget: well under what collapsing onto the marker would cost (8 marker tokens where the
+    # SFT policy spreads over 8 words: ≈ 8 · ln 8 ≈ 16.6 nats per sequence).
+    assert 0 < after["kl"] < 12, (before, after)
