@@ -114,6 +114,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.ingest import main as bench_ingest
 
         return bench_ingest(args.rest)
+    elif which == "train":
+        from bench.train import main as bench_train
+
+        return bench_train(args.rest)
     from bench.serve import main as bench_serve
 
     return bench_serve(args.rest)
@@ -154,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_train_commands(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest --help`")
+    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest|train --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
