@@ -86,7 +86,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     consumer = open_consumer(url, settings.data_dir, group_id=args.group, topics=[topics.COMPLETIONS, topics.FEEDBACK],
                              consumer_options={"session_timeout_ms": args.session_timeout_ms})
     dead_letters = open_publisher(url, settings.data_dir, client_id=f"{args.group}-dead-letters")
-    ingestor = Ingestor(consumer, store, dead_letters=dead_letters)
+    ingestor = Ingestor(consumer, store, dead_letters=dead_letters, max_records=args.max_records)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: ingestor.stop())
     if args.metrics_port is not None:
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--kafka", help="Kafka bootstrap servers (default: the embedded local log)")
     ingest.add_argument("--database-url", help="sqlite:///… or postgresql://… (default: SQLite in the data dir)")
     ingest.add_argument("--group", default="feedloop-ingest", help="consumer group id")
+    ingest.add_argument("--max-records", type=int, default=500,
+                        help="events per database transaction (and per offset commit)")
     ingest.add_argument("--session-timeout-ms", type=int, default=10_000,
                         help="Kafka consumer-group session timeout (how soon a dead member's partitions move)")
     ingest.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")

@@ -19,7 +19,7 @@ from feedback.prompt_key import prompt_key
 from feedback.store import FeedbackStore
 from protos.feedloop.v1 import events_pb2
 from serving.services import Services
-from tests.feedback.bus.helpers import FAST_CONSUMER, kafka_consumer, kafka_publisher
+from tests.feedback.bus.helpers import FAST_CONSUMER, kafka_consumer, kafka_publisher, wait_for
 from tests.feedback.ingest.helpers import IngestorThread, chat, rate, wait_until
 from tests.feedback.store.fixtures import POSTGRES, empty_tables
 from tests.http.server import serve_http
@@ -126,6 +126,9 @@ def _ingest_process(broker_url: str, data_dir, database_url: str, log) -> subpro
     env = {**os.environ, "FEEDLOOP_DATA_DIR": str(data_dir)}
     return subprocess.Popen([sys.executable, "-m", "serving.cli", "ingest", "--kafka", broker_url,
                              "--database-url", database_url, "--group", "ingest-restart",
+                             # small batches: many commits, so the kill lands mid-stream however fast
+                             # the machine is
+                             "--max-records", "25",
                              "--session-timeout-ms", str(FAST_CONSUMER["session_timeout_ms"])],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -145,7 +148,8 @@ def test_ingestor_killed_mid_stream_and_restarted_stores_each_event_once(kafka_b
     log = open(tmp_path / "ingest.log", "w")
     first = _ingest_process(kafka_broker.url, tmp_path / "a", postgres_store_url, log)
     try:
-        assert wait_until(lambda: pg_store.counts()["ratings"] > 0, timeout=60), (tmp_path / "ingest.log").read_text()
+        assert wait_for(lambda: pg_store.counts()["ratings"] > 0, timeout=60, interval=0.005), \
+            (tmp_path / "ingest.log").read_text()
         first.send_signal(signal.SIGKILL)  # no goodbye: uncommitted batches are redelivered
         first.wait(timeout=10)
         partial = pg_store.counts()["ratings"]
