@@ -45,7 +45,9 @@ def test_a_full_queue_drops_and_counts_instead_of_blocking():
     assert publisher.entered.wait(5)  # the thread holds event 1 inside publish
     start = time.perf_counter()
     accepted = [recorder.record("t", event) for _ in range(5)]
-    assert time.perf_counter() - start < 0.05  # never waited for the publisher
+    # The publisher is stuck for good: a record() that waited for it would not return at all; the
+    # bound only has to be far below "forever", with room for a loaded CI machine.
+    assert time.perf_counter() - start < 1.0
     assert accepted == [True, True, False, False, False]
     assert sample(registry, "feedloop_events_dropped_total", topic="t", reason="queue_full") == 3
     assert sample(registry, "feedloop_event_queue_depth") == 2
