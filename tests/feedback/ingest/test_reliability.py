@@ -96,26 +96,37 @@ def test_broker_paused_under_load_loses_nothing_acknowledged(tiny_services, kafk
 
 def test_broker_killed_and_restarted_under_load_loses_nothing_acknowledged(tiny_services, kafka_broker, pg_store,
                                                                            tmp_path):
-    """The issue's outage: the broker dies while feedback flows and comes back later. Tansu keeps
-    nothing on disk, so it is killed only once the ingestor has caught up (what a replicated Kafka
-    keeps, Tansu cannot); everything acknowledged while it is down waits in the outbox."""
+    """The issue's outage: the broker dies while feedback flows and comes back later; everything the
+    API acknowledged meanwhile waits in the outbox and is stored once.
+
+    Tansu keeps nothing on disk: it is killed only once the ingestor has caught up (what a replicated
+    Kafka keeps, Tansu cannot), and it comes back with empty logs whose offsets start at 0 again. A
+    consumer that kept its old positions would then skip records below them (no real cluster loses
+    its logs), so the ingestor's consumer re-joins the restarted broker, as after a cluster restart.
+    """
     publisher = kafka_publisher(kafka_broker.url, tmp_path)
     services = Services.build(tiny_services.settings, tiny_services.engine, tiny_services.reward, publisher=publisher)
-    consumer = kafka_consumer(kafka_broker.url, tmp_path, "ingest", [topics.COMPLETIONS, topics.FEEDBACK])
-    with serve_http(services) as url, IngestorThread(consumer, pg_store, poll_timeout=0.2) as ingestor:
+
+    def ingestor():
+        consumer = kafka_consumer(kafka_broker.url, tmp_path, "ingest", [topics.COMPLETIONS, topics.FEEDBACK])
+        return IngestorThread(consumer, pg_store, poll_timeout=0.2)
+
+    with serve_http(services) as url:
         completions = [chat(url, f"outage {i}") for i in range(2)]
         before = [str(uuid.uuid4()) for _ in range(20)]
-        assert all(rate(url, completions[i % 2], 1, e).status_code == 202 for i, e in enumerate(before))
-        assert wait_until(lambda: len(_event_ids(pg_store, "ratings")) == 20, timeout=60)
+        with ingestor():
+            assert all(rate(url, completions[i % 2], 1, e).status_code == 202 for i, e in enumerate(before))
+            assert wait_until(lambda: len(_event_ids(pg_store, "ratings")) == 20, timeout=60)
         kafka_broker.kill()
         during = [str(uuid.uuid4()) for _ in range(40)]
         assert all(rate(url, completions[i % 2], -1, e).status_code == 202 for i, e in enumerate(during))
         assert publisher.pending() > 0  # held in the outbox, not lost
         kafka_broker.start()  # same port, empty: topics are re-created on reconnect
-        assert wait_until(lambda: len(_event_ids(pg_store, "ratings")) >= 60, timeout=90), \
-            f"{len(_event_ids(pg_store, 'ratings'))} of 60 stored; outbox pending {publisher.pending()}"
-        time.sleep(0.5)
-        assert ingestor.stats.dead_lettered == 0
+        with ingestor() as running:
+            assert wait_until(lambda: len(_event_ids(pg_store, "ratings")) >= 60, timeout=90), \
+                f"{len(_event_ids(pg_store, 'ratings'))} of 60 stored; outbox pending {publisher.pending()}"
+            time.sleep(0.5)
+            assert running.stats.dead_lettered == 0
     services.recorder.close()
     publisher.close()
     stored = _event_ids(pg_store, "ratings")
