@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from serving.checkpoint import write_checkpoint
+from trainer.config import ConfigError
 
 STATE_DIR = "state"
 CHECKPOINT_DIR = "checkpoint"
@@ -139,3 +140,37 @@ def load_training_state(state_dir: Path, *, model=None, optimizer=None, schedule
         scheduler.load_state_dict(payload["scheduler"])
     restore_rng(payload["rng"])
     return read_position(state_dir)[0]
+
+
+# Config keys that may change between an interrupted run and its resumption (they do not change
+# what is computed).
+RESUMABLE_CHANGES = {"run.log_every", "run.save_every", "run.device"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(saved: dict, config: dict, saved_hash: str, data_hash: str) -> None:
+    if saved_hash != data_hash:
+        raise ConfigError("the dataset files changed since the interrupted run (data hash differs); "
+                          "start a new run in a new output_dir")
+    old, new = _flat(saved), _flat(config)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(f"cannot resume: the config changed since the interrupted run ({', '.join(changed)})")
+
+
+def resume_training(out: Path, config: dict, data_hash: str, **load) -> tuple[Position, Path]:
+    """Restore the newest saved state under `out` for `--resume` (what `load` names: `engine=`, or
+    `model=`/`optimizer=`/`scheduler=`), after checking that the data and config are unchanged.
+    Returns the position to continue from and the state directory."""
+    state_dir = latest_training_state(out)
+    if state_dir is None:
+        raise ConfigError(f"--resume: no saved training state under {out}/state")
+    _, saved = read_position(state_dir)
+    check_resumable(saved["config"], config, saved["data_hash"], data_hash)
+    return load_training_state(state_dir, **load), state_dir

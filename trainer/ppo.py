@@ -33,8 +33,7 @@ from serving.checkpoint import model_version_of
 from serving.engine.engine import LocalEngine
 from serving.models import resolve_device
 from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   load_training_state, read_position, save_training_state,
-                                   write_stage_checkpoint)
+                                   resume_training, save_training_state, write_stage_checkpoint)
 from trainer.config import ConfigError, PPOConfig, config_to_dict
 from trainer.data import micro_batches
 from trainer.dpo import load_frozen
@@ -45,7 +44,7 @@ from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.reward import check_same_tokenizer
 from trainer.rollouts import collate_rollouts, generate, load_prompts, load_ptx, score_rollouts
-from trainer.sft import _check_resumable, resolve_model_path
+from trainer.sft import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +251,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     # 4. resume: policy, value model, β, optimizer, scheduler, RNG and the step.
     position = Position(step=0, epoch=0, batch_index=0)
     if resume:
-        state_dir = latest_training_state(out)
-        if state_dir is None:
-            raise ConfigError(f"--resume: no saved training state under {out}/state")
-        _, saved = read_position(state_dir)
-        _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
-        position = load_training_state(state_dir, model=models, optimizer=optimizer, scheduler=scheduler)
+        position, state_dir = resume_training(out, config_dict, data_hash, model=models, optimizer=optimizer, scheduler=scheduler)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
     kl_controller = (AdaptiveKLController(models.kl_coef.item(), config.kl_target, config.kl_horizon)
                      if config.kl_target is not None else FixedKLController(models.kl_coef.item()))

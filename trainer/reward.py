@@ -27,15 +27,14 @@ from serving.checkpoint import model_version_of
 from serving.engine.reward import render_pair, reward_scores
 from serving.models import resolve_device
 from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   load_training_state, read_position, save_training_state,
-                                   write_stage_checkpoint)
+                                   resume_training, save_training_state, write_stage_checkpoint)
 from trainer.config import ConfigError, RMConfig, config_to_dict
 from trainer.data import DatasetError, micro_batches, read_records
 from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
 from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.distributed import build_engine
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.sft import _check_resumable, resolve_model_path
+from trainer.sft import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +184,7 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
     position = Position(step=0, epoch=0, batch_index=0)
     if resume:
-        state_dir = latest_training_state(out)
-        if state_dir is None:
-            raise ConfigError(f"--resume: no saved training state under {out}/state")
-        _, saved = read_position(state_dir)
-        _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
-        position = load_training_state(state_dir, engine=engine)
+        position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
 
     def save_state(step: int) -> Path:

@@ -18,8 +18,7 @@ from serving.checkpoint import model_version_of
 from serving.models import ensure_bundled_model, resolve_device
 from serving.paths import data_dir_from_env
 from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   load_training_state, read_position, save_training_state,
-                                   write_stage_checkpoint)
+                                   resume_training, save_training_state, write_stage_checkpoint)
 from trainer.config import ConfigError, SFTConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft, micro_batches
 from trainer.maths import masked_sum, next_token_logprobs
@@ -30,7 +29,6 @@ from trainer.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 # Config keys that may change between an interrupted run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = {"run.log_every", "run.save_every", "run.device"}
 
 
 def resolve_model_path(model: str) -> Path:
@@ -41,23 +39,6 @@ def resolve_model_path(model: str) -> Path:
     if not (path / "config.json").exists():
         raise ConfigError(f"model: {path} is not an HF checkpoint directory (no config.json)")
     return path
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _check_resumable(saved: dict, config: dict, saved_hash: str, data_hash: str) -> None:
-    if saved_hash != data_hash:
-        raise ConfigError("the dataset files changed since the interrupted run (data hash differs); "
-                          "start a new run in a new output_dir")
-    old, new = _flat(saved), _flat(config)
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-    if changed:
-        raise ConfigError(f"cannot resume: the config changed since the interrupted run ({', '.join(changed)})")
 
 
 def response_nll_sum(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
@@ -147,12 +128,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
     position = Position(step=0, epoch=0, batch_index=0)
     if resume:
-        state_dir = latest_training_state(out)
-        if state_dir is None:
-            raise ConfigError(f"--resume: no saved training state under {out}/state")
-        _, saved = read_position(state_dir)
-        _check_resumable(saved["config"], config_dict, saved["data_hash"], data_hash)
-        position = load_training_state(state_dir, engine=engine)
+        position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
 
     def position_after(step: int) -> Position:
