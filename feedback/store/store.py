@@ -9,7 +9,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from feedback.store import database
-from feedback.store.tables import (MODEL_STATUSES, Comparison, Completion, DatasetSnapshot, DeadLetter, Demonstration,
+from feedback.store.tables import (MODEL_ROLES, MODEL_STATUSES, Comparison, Completion, DatasetSnapshot, DeadLetter, Demonstration,
                                    ModelVersion, Ranking, RankingEntry, Rating, StoreModel)
 from feedback.store.types import utcnow
 from feedback.store.validation import Event, KnownCompletion, Rejected, plan_batch, referenced_completion_ids
@@ -162,17 +162,21 @@ class FeedbackStore:
 
     def register_version(self, version: str, *, stage: str, checkpoint_path: str, checksums: dict[str, str],
                          parent_version: str | None = None, metrics: dict | None = None,
-                         status: str = "candidate") -> ModelVersion:
+                         status: str = "candidate", role: str | None = None) -> ModelVersion:
         """Add a checkpoint (after its files are complete). Registering the same version again with the
-        same files returns the existing row (a retried registration); with other files it raises."""
+        same files returns the existing row (a retried registration); with other files it raises.
+        `role` defaults to "reward" for the rm stage and "policy" otherwise."""
         _check_status(status)
+        role = role or ("reward" if stage == "rm" else "policy")
+        if role not in MODEL_ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(MODEL_ROLES)}")
         with Session(self.engine, expire_on_commit=False) as session:
             existing = session.get(ModelVersion, version)
             if existing is not None:
                 if existing.checkpoint_path != checkpoint_path or existing.checksums != checksums:
                     raise VersionConflict(f"model version {version} is registered with other files")
                 return existing
-            row = ModelVersion(version=version, parent_version=parent_version, stage=stage,
+            row = ModelVersion(version=version, parent_version=parent_version, stage=stage, role=role,
                                checkpoint_path=checkpoint_path, checksums=checksums, status=status,
                                metrics=metrics or {})
             session.add(row)
@@ -198,9 +202,12 @@ class FeedbackStore:
         with Session(self.engine, expire_on_commit=False) as session:
             return session.get(ModelVersion, version)
 
-    def list_versions(self, *, status: str | None = None, stage: str | None = None) -> list[ModelVersion]:
+    def list_versions(self, *, status: str | None = None, stage: str | None = None,
+                      role: str | None = None) -> list[ModelVersion]:
         """Oldest first."""
         query = select(ModelVersion).order_by(ModelVersion.created_at, ModelVersion.version)
+        if role is not None:
+            query = query.where(ModelVersion.role == role)
         if status is not None:
             query = query.where(ModelVersion.status == status)
         if stage is not None:

@@ -29,6 +29,8 @@ NAMING_CONVENTION = {
 }
 
 MODEL_STATUSES = ("candidate", "canary", "serving", "rejected", "retired")
+MODEL_ROLES = ("policy", "reward")
+RUN_STATUSES = ("running", "succeeded", "canary", "promoted", "rejected", "failed")
 
 
 class StoreModel(SQLModel):
@@ -190,9 +192,67 @@ class ModelVersion(StoreModel, table=True):
     # No foreign key: the first version's parent is a base model that was never registered.
     parent_version: Optional[str] = Field(default=None, max_length=256)
     stage: str = Field(max_length=32)  # base | sft | rm | ppo | dpo
+    # What it is served as: a policy (generation) or a reward model (/v1/score). Swapped independently.
+    role: str = Field(default="policy", max_length=16, index=True)
     checkpoint_path: str = Field(sa_column=Column(Text, nullable=False))
     checksums: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
     status: str = Field(default="candidate", max_length=16, index=True)
     metrics: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
     created_at: datetime = _ingested_at()
     updated_at: datetime = _ingested_at()
+
+
+class Deployment(StoreModel, table=True):
+    """What serving should run, per role: the one row a gateway polls (by primary key).
+
+    `revision` grows by one on every change: gateways compare it with the one they applied, and
+    writers update with `WHERE revision = <read>` so two concurrent promotions cannot both win."""
+
+    __tablename__ = "deployments"
+    role: str = Field(sa_column=Column(String(16), primary_key=True))  # policy | reward
+    serving_version: str = Field(max_length=256)
+    canary_version: Optional[str] = Field(default=None, max_length=256)
+    canary_percent: float = 0.0
+    revision: int = 1
+    updated_at: datetime = _ingested_at()
+
+
+class DeploymentEvent(StoreModel, table=True):
+    """The audit log of the registry: every promotion, canary, rollback and refusal, and why."""
+
+    __tablename__ = "deployment_events"
+    id: Optional[int] = Field(default=None, primary_key=True)
+    role: str = Field(max_length=16, index=True)
+    action: str = Field(max_length=32)  # deploy | promote | canary | rollback | reject | refused
+    version: Optional[str] = Field(default=None, max_length=256)
+    previous_version: Optional[str] = Field(default=None, max_length=256)
+    canary_percent: Optional[float] = None
+    reason: str = Field(default="", sa_column=Column(Text, nullable=False))
+    actor: str = Field(default="", max_length=128)  # who asked: "cli", "admin-api", "loop", "gateway"
+    created_at: datetime = _ingested_at()
+
+
+class TrainingRun(StoreModel, table=True):
+    """One run of the trainer loop: what triggered it, the stages it runs, its data snapshots, the
+    candidates it produced, the gate report, and where it stands. A crashed run is resumed by id."""
+
+    __tablename__ = "training_runs"
+    run_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    status: str = Field(default="running", max_length=16, index=True)
+    stage: Optional[str] = Field(default=None, max_length=32)  # the stage running now (or last run)
+    plan: list = Field(default_factory=list, sa_column=Column(JSONDocument, nullable=False))  # stages, in order
+    trigger: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    # Feedback ingested up to this instant is in the run's snapshots (the next run counts from here).
+    data_until: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    snapshots: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    base_policy_version: Optional[str] = Field(default=None, max_length=256)
+    base_reward_version: Optional[str] = Field(default=None, max_length=256)
+    policy_version: Optional[str] = Field(default=None, max_length=256)  # the candidate it produced
+    reward_version: Optional[str] = Field(default=None, max_length=256)
+    report: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    metrics: dict = Field(default_factory=dict, sa_column=Column(JSONDocument, nullable=False))
+    error: Optional[str] = Field(default=None, sa_column=Column(Text))
+    attempts: int = 1
+    created_at: datetime = _ingested_at()
+    updated_at: datetime = _ingested_at()
+    finished_at: Optional[datetime] = Field(default=None, sa_column=Column(UTCDateTime()))
