@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="HTTP port (default 8080)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 50051)")
     serve.add_argument("--no-grpc", action="store_true", help="do not start the gRPC server")
+    serve.add_argument("--poll-interval", type=float,
+                       help="seconds between reads of the model registry (default 1; admin token: "
+                            "env FEEDLOOP_ADMIN_TOKEN)")
     serve.add_argument("--log-level", default="INFO")
     serve.set_defaults(func=cmd_serve)
 
@@ -155,10 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=cmd_ingest)
 
     from feedback.datasets.cli import add_data_commands
+    from simulate.cli import add_simulate_commands
+    from serving.up import add_up_command
     from trainer.cli import add_train_commands
+    from trainer.loop.cli import add_loop_commands
+
+    add_up_command(sub)
+
+    from serving.models_cli import add_models_commands
 
     add_data_commands(sub)
+    add_models_commands(sub)
     add_train_commands(sub)
+    add_loop_commands(sub)
+    add_simulate_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest|train --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
