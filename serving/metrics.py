@@ -42,6 +42,16 @@ class ServingMetrics:
             ["model_version", "outcome"], registry=r)
         self.scored_pairs = Counter(
             "feedloop_scored_pairs", "(prompt, response) pairs scored", ["model_version"], registry=r)
+        self.deployments = DeploymentMetrics(r)
+
+    def request_outcomes(self, model_version: str) -> dict[str, float]:
+        """Finished generation requests of one version by outcome (ok, error, cancelled, rejected)."""
+        out: dict[str, float] = {}
+        for family in self.requests.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels.get("model_version") == model_version:
+                    out[sample.labels["outcome"]] = sample.value
+        return out
 
     def track_engine(self, stats: Callable[[], dict]) -> None:
         """Read queue and batch sizes from the engine at scrape time."""
@@ -50,3 +60,23 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DeploymentMetrics:
+    """What the deployment watcher did: which version serves each role, swaps, refusals, rollbacks."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.serving = Gauge(
+            "feedloop_deployed_model", "Percent of new traffic per loaded, routed model version",
+            ["role", "model_version", "slot"], registry=r)
+        self.revision = Gauge("feedloop_deployment_revision", "Registry revision this gateway applied",
+                              ["role"], registry=r)
+        self.swaps = Counter("feedloop_model_swaps", "Routing changes applied from the registry", ["role"],
+                             registry=r)
+        self.load_seconds = Histogram(
+            "feedloop_model_load_seconds", "Loading and verifying a model version before it serves", ["role"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.refusals = Counter("feedloop_model_refusals", "Model versions this gateway refused to serve",
+                                ["role", "reason"], registry=r)
+        self.auto_rollbacks = Counter("feedloop_model_auto_rollbacks",
+                                      "Rollbacks this gateway asked for on a high error rate", ["role"], registry=r)

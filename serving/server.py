@@ -6,11 +6,15 @@ import logging
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serving.engine.local import LocalEngineClient, LocalRewardClient
 from serving.models import ensure_bundled_model, load_policy, load_reward
 from serving.services import Services
 from serving.settings import ServingSettings, bus_url, database_url
+
+if TYPE_CHECKING:
+    from serving.deployment import DeploymentWatcher
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,8 @@ def resolve_policy_path(settings: ServingSettings) -> Path:
 
 def open_recording(settings: ServingSettings):
     """The publisher for served completions and feedback, and the store lookup for completions this
-    gateway no longer remembers. The store is read only; `feedloop ingest` writes it."""
+    gateway no longer remembers. `feedloop ingest` writes the events; the gateway writes only the
+    model registry (what it loaded, refusals, automatic rollbacks: serving/deployment.py)."""
     from feedback.bus.factory import open_publisher
     from feedback.store.store import FeedbackStore
 
@@ -118,6 +123,8 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     await services.start()
     grpc_server = None
     try:
+        if store is not None:  # registers what was loaded, applies the registry's choice before traffic
+            await start_deployments(services, store)
         if settings.grpc_port is not None:
             grpc_server = await start_grpc_server(services, settings.host, settings.grpc_port)
         app = create_app(services)
@@ -137,11 +144,25 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     finally:
         if grpc_server is not None:
             await stop_grpc_server(grpc_server, grace=5)
+        if services.deployments is not None:
+            await services.deployments.stop()
         await services.stop()  # drains the recorder into the publisher
         if publisher is not None:
             await asyncio.to_thread(publisher.close)
         if store is not None:
             store.close()
+
+
+async def start_deployments(services: Services, store) -> "DeploymentWatcher":
+    """Follow the model registry in `store` (serving/deployment.py): kept on `services.deployments`
+    (the admin routes use it). The caller stops it (`services.deployments.stop()`) before the services."""
+    from feedback.store.registry import ModelRegistry
+    from serving.deployment import DeploymentWatcher
+
+    watcher = DeploymentWatcher.from_settings(ModelRegistry(store), services)
+    services.deployments = watcher
+    await watcher.start()
+    return watcher
 
 
 def _redact(url: str) -> str:

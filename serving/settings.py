@@ -36,6 +36,14 @@ class ServingSettings(BaseSettings):
     database_url: str | None = Field(None, description="sqlite:///… or postgresql://…; "
                                      "None: SQLite at <data_dir>/feedloop.db.")
     served_model_name: str | None = Field(None, description="Name in /v1/models; default: the model directory's name.")
+    # Deployments (serving/deployment.py): the registry in the store says which versions to serve.
+    poll_interval: float = Field(1.0, gt=0, description="Seconds between reads of the registry's deployments.")
+    rollback_min_requests: int = Field(20, ge=1, description="Finished requests a newly deployed version "
+                                       "serves before its error rate can roll it back (one window).")
+    rollback_error_rate: float = Field(0.05, ge=0, le=1, description="A newly deployed version whose "
+                                       "failed share of a window exceeds this is rolled back.")
+    admin_token: str | None = Field(None, description="When set, /v1/admin/* require "
+                                    "`Authorization: Bearer <token>`; None: the admin routes are open.")
 
 
 def bus_url(settings: "ServingSettings") -> str:

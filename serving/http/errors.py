@@ -53,9 +53,13 @@ def is_openai_path(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+ADMIN_PREFIX = "/v1/admin/"  # feedloop's admin routes (routers/admin.py): 422 for bad input too
+
+
 def validation_status(path: str) -> int:
     """400 on OpenAI-compatible routes (OpenAI's contract), 422 everywhere else (TGI's)."""
-    return 400 if is_openai_path(path) and path not in FEEDLOOP_V1_PATHS else 422
+    feedloop_own = path in FEEDLOOP_V1_PATHS or path.startswith(ADMIN_PREFIX)
+    return 400 if is_openai_path(path) and not feedloop_own else 422
 
 
 def _openai_type(status: int) -> str:

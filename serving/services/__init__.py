@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from feedback.bus.base import EventPublisher
 from serving.engine.client import EngineClient, RewardClient
@@ -14,6 +15,9 @@ from serving.services.generation import GenerationService
 from serving.services.recorder import EventRecorder, RecorderMetrics
 from serving.services.scoring import ScoringService
 from serving.settings import ServingSettings
+
+if TYPE_CHECKING:  # serving.deployment imports this module
+    from serving.deployment import DeploymentWatcher
 
 
 @dataclass
@@ -28,6 +32,8 @@ class Services:
     comparison: ComparisonService
     completions: CompletionIndex
     recorder: EventRecorder | None = None
+    # Follows the model registry (hot-swap, canary, rollback); None without a store (tests, tools).
+    deployments: "DeploymentWatcher | None" = None
 
     @classmethod
     def build(cls, settings: ServingSettings, engine: EngineClient, reward: RewardClient,
