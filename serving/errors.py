@@ -20,6 +20,10 @@ class PromptTooLong(ValidationError):
     """The prompt (or prompt + max_new_tokens) exceeds the engine's limits."""
 
 
+class UnknownModelVersion(ValidationError):
+    """A request names a model version this engine has not loaded."""
+
+
 class Overloaded(FeedloopError):
     """The waiting queue is full; the client should retry later."""
 

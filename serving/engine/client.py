@@ -13,7 +13,8 @@ class EngineClient(ABC):
     @property
     @abstractmethod
     def model_version(self) -> str:
-        """Version of the weights that new requests will run on."""
+        """Version of the weights that new requests run on (the serving version; a canary share of
+        requests may run on another: each output's `model_version` says which)."""
 
     @abstractmethod
     def info(self) -> EngineInfo: ...
@@ -26,10 +27,17 @@ class EngineClient(ABC):
     def count_tokens(self, text: str) -> int: ...
 
     @abstractmethod
-    def generate(self, prompt: str, params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]:
+    def generate(self, prompt: str, params: SamplingParams, request_id: str,
+                 model_version: str | None = None) -> AsyncIterator[StepOutput]:
         """Stream the outputs of one request. Raises Overloaded when the queue is full (before the
-        first output), ValidationError for prompts over the limits. Closing the iterator early
-        (client disconnect) cancels the request and frees its batch slot."""
+        first output), ValidationError for prompts over the limits or a `model_version` that is not
+        loaded. Closing the iterator early (client disconnect) cancels the request and frees its
+        batch slot.
+
+        `model_version` None lets the engine choose (its routing: serving version or canary); the
+        version is fixed when the request is queued and every output says it in `model_version`.
+        Engines that serve one version may leave `model_version` None on outputs and omit the
+        argument (callers pass it only when a version is named)."""
 
     @abstractmethod
     def stats(self) -> dict:

@@ -84,6 +84,50 @@ class StepOutput:
     generated_tokens: int = 0
     prompt_tokens: int = 0
     seed: int | None = None
+    model_version: str | None = None  # the weights that produced it (set on every output by LocalEngine)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which model version new requests run on: `serving`, except a `canary_percent` share (drawn at
+    random per request) that goes to `canary`. Requests already running keep their version."""
+
+    serving: str
+    canary: str | None = None
+    canary_percent: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.serving, str) or not self.serving:
+            raise ValidationError("`serving` must name a model version")
+        if isinstance(self.canary_percent, bool) or not isinstance(self.canary_percent, (int, float)) \
+                or not (0.0 <= self.canary_percent <= 100.0):  # NaN fails the comparison too
+            raise ValidationError(f"`canary_percent` must be between 0 and 100; got {self.canary_percent!r}")
+        if self.canary is None and self.canary_percent != 0:
+            raise ValidationError("`canary_percent` needs a `canary` version (none is given)")
+        if self.canary is not None and (not isinstance(self.canary, str) or not self.canary):
+            raise ValidationError("`canary` must name a model version or be None")
+        if self.canary == self.serving:
+            raise ValidationError(f"`canary` must differ from `serving` (both are {self.serving!r})")
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The versions that receive new requests (a canary at 0 % included: it stays loaded)."""
+        return (self.serving,) if self.canary is None else (self.serving, self.canary)
+
+    def share(self, version: str) -> float:
+        """Percent of new requests that `version` receives."""
+        if version == self.canary:
+            return float(self.canary_percent)
+        return 100.0 - self.canary_percent if version == self.serving else 0.0
+
+    def pick(self, draw: float) -> str:
+        """The version for a new request, given a uniform draw in [0, 1)."""
+        if self.canary is not None and draw * 100.0 < self.canary_percent:
+            return self.canary
+        return self.serving
+
+    def as_dict(self) -> dict:
+        return {"serving": self.serving, "canary": self.canary, "canary_percent": self.canary_percent}
 
 
 @dataclass(frozen=True)

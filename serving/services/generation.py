@@ -41,7 +41,8 @@ class Completion:
 
 @dataclass
 class CompletionStream:
-    """A started answer: the id and version are known before the first token (headers need them)."""
+    """A started answer: the id and version are known before the first token is sent (headers need
+    them). `model_version` is the version the request runs on, which may be a canary's."""
 
     completion_id: str
     model_version: str
@@ -68,27 +69,31 @@ class GenerationService:
         self.recorder = recorder
         self.index = index
 
-    async def stream(self, prompt: str, params: SamplingParams,
-                     record: RequestRecord | None = None) -> CompletionStream:
-        """Start generating. Errors that concern the whole request (validation, overload) are raised
-        here, before anything is sent, so each transport can answer them with a status code.
+    async def stream(self, prompt: str, params: SamplingParams, record: RequestRecord | None = None,
+                     model_version: str | None = None) -> CompletionStream:
+        """Start generating. Errors that concern the whole request (validation, overload, unknown
+        model version) are raised here, before anything is sent, so each transport can answer them
+        with a status code.
 
         `prompt` is what the engine reads (chat already rendered); `record` says what the completion's
-        event records (the prompt as the user sent it, user, tenant, comparison)."""
+        event records (the prompt as the user sent it, user, tenant, comparison). `model_version`
+        None lets the engine's routing choose (serving version or canary)."""
         completion_id = new_completion_id()
-        version = self.engine.model_version
-        raw = self.engine.generate(prompt, params, completion_id)
+        # Passed only when named, so engines that serve a single version need not take the argument.
+        kwargs = {} if model_version is None else {"model_version": model_version}
+        raw = self.engine.generate(prompt, params, completion_id, **kwargs)
         # Pull the first output now: overload and validation errors surface before any byte is sent,
-        # and the version is the one the request actually runs on.
+        # and the first output says which version the request runs on (fixed when it was queued).
         start = time.perf_counter()
         try:
             first = await raw.__anext__()
         except StopAsyncIteration:  # pragma: no cover - engines always send at least one output
             raise
         except BaseException:
-            self.metrics.requests.labels(version, "rejected").inc()
+            self.metrics.requests.labels(model_version or self.engine.model_version, "rejected").inc()
             await raw.aclose()
             raise
+        version = first.model_version or self.engine.model_version
         self.metrics.time_to_first_token.labels(version).observe(time.perf_counter() - start)
         served = _Served(completion_id, version, prompt, params, record or RequestRecord())
         return CompletionStream(completion_id, version, self._observe(first, raw, start, served))
@@ -138,9 +143,10 @@ class GenerationService:
             self.recorder.record(topics.COMPLETIONS, lambda: completion_served(
                 served.completion_id, served.model_version, prompt, served.record, served.params, last, now))
 
-    async def complete(self, prompt: str, params: SamplingParams, record: RequestRecord | None = None) -> Completion:
-        """Generate the whole answer."""
-        stream = await self.stream(prompt, params, record)
+    async def complete(self, prompt: str, params: SamplingParams, record: RequestRecord | None = None,
+                       model_version: str | None = None) -> Completion:
+        """Generate the whole answer (on `model_version`, or where the routing sends it)."""
+        stream = await self.stream(prompt, params, record, model_version)
         tokens: list[Token] = []
         last = None
         async for out in stream:
