@@ -1,7 +1,8 @@
-"""Promotion gates: the checks a candidate policy must pass before the loop promotes it (issue 5, item 2).
+"""Promotion gates: the checks a candidate policy passes before the loop promotes it (issue 5, item 2).
 
     report = evaluate_gates(candidate, serving, reference, candidate_rm, current_rm,
-                            rm_heldout=..., prompts=..., ptx=..., config=load_gates_config("trainer/configs/gates.yaml"))
+                            rm_heldout=..., prompts=..., ptx=...,
+                            config=load_gates_config("trainer/configs/gates.yaml"))
     if report.passed: promote …          else: mark rejected, with report.reasons
     store it: report.to_dict() (JSON-safe); GateReport.from_dict(d) reads it back.
 
@@ -101,7 +102,8 @@ class GatesConfig:
         _require(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         _require(self.temperature > 0, f"temperature must be > 0 (answers are sampled), got {self.temperature}")
         _require(self.max_length > self.max_new_tokens,
-                 f"max_length {self.max_length} leaves no room for a prompt before max_new_tokens {self.max_new_tokens}")
+                 f"max_length {self.max_length} leaves no room for a prompt before max_new_tokens "
+                 f"{self.max_new_tokens}")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

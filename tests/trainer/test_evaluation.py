@@ -61,15 +61,18 @@ def make_marker_biased_policy(policy_dir: Path, out_dir: Path, marker: int) -> P
     return out_dir
 
 
-@pytest.fixture(scope="module")
-def models(tiny_model_dir, tmp_path_factory):
+def build_models(tiny_model_dir: Path, root: Path) -> dict[str, Path]:
     """tiny policy, the marker-biased policy, the marker judge and the direction judge (continuous scores)."""
-    root = tmp_path_factory.mktemp("evaluation")
     marker = marker_id(tiny_model_dir)
     return {"tiny": tiny_model_dir,
             "biased": make_marker_biased_policy(tiny_model_dir, root / "biased", marker),
             "marker_rm": make_marker_reward_model(tiny_model_dir, root / "marker-rm", marker),
             "direction_rm": make_direction_reward_model(tiny_model_dir, root / "direction-rm")}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tmp_path_factory):
+    return build_models(tiny_model_dir, tmp_path_factory.mktemp("evaluation"))
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +97,19 @@ def test_a_policy_against_itself_with_the_same_seeds_ties_every_answer(models, p
 
 
 def test_a_policy_biased_towards_the_marker_wins_under_the_marker_judge(models, prompts_file):
-    result = win_rate(models["biased"], models["tiny"], models["marker_rm"], prompts_file, samples_per_prompt=2,
-                      **ANSWERS)
-    assert result.n == 6 and result.wins + result.losses + result.ties == 6
-    assert result.rate > 0.8 and result.wins >= 5, result
+    result = win_rate(models["biased"], models["tiny"], models["marker_rm"], prompts_file, **ANSWERS)
+    assert result.n == 3 and result.wins + result.losses + result.ties == 3
+    assert result.rate > 0.8 and result.wins == 3, result
     assert result.candidate_score > result.baseline_score
     # Swapped sides see the same answers (same seeds): wins and losses swap exactly.
-    swapped = win_rate(models["tiny"], models["biased"], models["marker_rm"], prompts_file, samples_per_prompt=2,
-                       **ANSWERS)
+    swapped = win_rate(models["tiny"], models["biased"], models["marker_rm"], prompts_file, **ANSWERS)
     assert (swapped.wins, swapped.losses, swapped.ties) == (result.losses, result.wins, result.ties)
     assert swapped.rate == pytest.approx(1 - result.rate)
 
 
 def test_kl_to_reference_is_zero_for_the_same_weights_and_matches_a_hand_computation(models, prompts_file):
-    assert kl_to_reference(models["tiny"], models["tiny"], prompts_file, seed=5, **ANSWERS) == pytest.approx(0, abs=1e-5)
+    same = kl_to_reference(models["tiny"], models["tiny"], prompts_file, seed=5, **ANSWERS)
+    assert same == pytest.approx(0, abs=1e-5)
 
     kl = kl_to_reference(models["biased"], models["tiny"], prompts_file, seed=5, **ANSWERS)
     # By hand: the same answers (same seed), then log_softmax of each model's logits (a different code

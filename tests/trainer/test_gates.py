@@ -10,8 +10,7 @@ import pytest
 
 from serving.checkpoint import model_version_of
 from tests.trainer.sft_fixtures import CONFIGS, write_jsonl
-from tests.trainer.test_evaluation import (MARKER_RANKINGS, PROMPTS, PTX, make_marker_biased_policy, marker_id)
-from tests.trainer.test_ppo import make_marker_reward_model
+from tests.trainer.test_evaluation import MARKER_RANKINGS, PROMPTS, PTX, build_models
 from trainer.config import ConfigError, config_reference
 from trainer.gates import (GATES, GateReport, GatesConfig, Measurement, decide, evaluate_gates, load_gates_config)
 
@@ -142,14 +141,9 @@ SMALL = GatesConfig(rm_accuracy_margin=0.05, min_win_rate=0.8, kl_budget=5.0, pt
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gates")
-    marker = marker_id(tiny_model_dir)
-    return {"tiny": tiny_model_dir,
-            "biased": make_marker_biased_policy(tiny_model_dir, root / "biased", marker),
-            "marker_rm": make_marker_reward_model(tiny_model_dir, root / "marker-rm", marker),
-            "rm_heldout": write_jsonl(root / "rm.heldout.jsonl", MARKER_RANKINGS),
+    return {**build_models(tiny_model_dir, root), "rm_heldout": write_jsonl(root / "rm.heldout.jsonl", MARKER_RANKINGS),
             "prompts": write_jsonl(root / "prompts.heldout.jsonl", PROMPTS),
-            "ptx": write_jsonl(root / "ptx.train.jsonl", PTX),
-            "empty": write_jsonl(root / "empty.jsonl", [])}
+            "ptx": write_jsonl(root / "ptx.train.jsonl", PTX), "empty": write_jsonl(root / "empty.jsonl", [])}
 
 
 def test_evaluate_gates_on_a_marker_candidate(setup):
