@@ -28,7 +28,7 @@ class RecordingGateway:
     def model_version(self) -> str:
         return self.services.engine.model_version
 
-    def _read_log(self) -> tuple[dict[str, events_pb2.CompletionServed], dict[str, events_pb2.FeedbackEvent]]:
+    def read_log(self) -> tuple[dict[str, events_pb2.CompletionServed], dict[str, events_pb2.FeedbackEvent]]:
         """Everything in the log so far, from the start (a fresh consumer group each time)."""
         consumer = LocalLogConsumer(self.data_dir, f"test-{uuid.uuid4().hex}", [topics.COMPLETIONS, topics.FEEDBACK])
         completions, feedback = {}, {}
@@ -51,7 +51,7 @@ class RecordingGateway:
         completions are published by the recorder thread a moment after their answers."""
         deadline = time.monotonic() + timeout
         while True:
-            completions, feedback = self._read_log()
+            completions, feedback = self.read_log()
             wanted = [feedback.get(i) for i in event_ids]
             named = {c for e in wanted if e is not None for c in completion_ids_of(e)}
             if (all(wanted) and named <= completions.keys()) or time.monotonic() > deadline:
