@@ -1,0 +1,1 @@
+"""The trainer service (`feedloop loop`): scheduled retraining on new feedback, gates, promotion."""
