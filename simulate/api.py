@@ -20,6 +20,13 @@ class ApiCallFailed(Exception):
         self.reason, self.message = reason, message
 
 
+def check_base_url(url: str) -> str:
+    """The gateway's base URL without a trailing slash; refuses what httpx could only fail on later."""
+    if not url.startswith(("http://", "https://")) or len(url.split("://", 1)[1].strip("/")) == 0:
+        raise ValueError(f"the gateway URL must look like http://HOST:PORT, got {url!r}")
+    return url.rstrip("/")
+
+
 def error_message(response: httpx.Response) -> str:
     """The message of an error body in either of the gateway's formats (OpenAI's or TGI's)."""
     try:

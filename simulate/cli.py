@@ -66,7 +66,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return fail(str(exc))
 
     progress = None if args.quiet else (lambda report: print(report.progress_line(), file=sys.stderr, flush=True))
-    users = SimulatedUsers(args.url, rule, config, on_progress=progress)
+    try:
+        users = SimulatedUsers(args.url, rule, config, on_progress=progress)
+    except ValueError as exc:
+        return fail(str(exc))
     try:
         report = asyncio.run(users.run())
     except RuleError as exc:

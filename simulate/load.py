@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from simulate.api import error_message, transport_reason
+from simulate.api import check_base_url, error_message, transport_reason
 
 APIS = ("tgi", "openai")
 
@@ -73,7 +73,7 @@ class SteadyLoad:
             raise ValueError("rate must be > 0 requests/s")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        self.url, self.clients, self.api, self.prompt = url.rstrip("/"), clients, api, prompt
+        self.url, self.clients, self.api, self.prompt = check_base_url(url), clients, api, prompt
         self.max_new_tokens, self.rate, self.timeout_s = max_new_tokens, rate, timeout_s
         self.pause_after_error_s = pause_after_error_s
         self.samples: list[LoadSample] = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from simulate.api import ApiCallFailed, RetryPolicy, post_json
+from simulate.api import ApiCallFailed, RetryPolicy, check_base_url, post_json
 from simulate.judge import Judge
 from simulate.prompts import DEFAULT_PROMPTS, Prompt, as_messages, check_prompts, rule_text
 from simulate.report import FeedbackRecord, SimulationReport
@@ -103,7 +103,7 @@ class SimulatedUsers:
 
     def __init__(self, url: str, rule: PreferenceRule, config: SimulationConfig, *,
                  on_progress: Callable[[SimulationReport], None] | None = None, progress_every_s: float = 1.0):
-        self.url, self.rule, self.config = url.rstrip("/"), rule, config
+        self.url, self.rule, self.config = check_base_url(url), rule, config
         self.on_progress, self.progress_every_s = on_progress, progress_every_s
         self.report = SimulationReport()
         self._claimed = 0
@@ -165,6 +165,8 @@ class SimulatedUsers:
             except RuleError as exc:  # a bug in the user's rule would fail every verdict: stop now
                 self._fatal = exc
                 self.stop()
+            except (KeyError, IndexError, TypeError, ValueError) as exc:  # a 2xx body not in the API's shape
+                self.report.add_error(kind, "bad_response", f"unexpected answer from the gateway: {exc!r}")
 
     async def _post(self, client, path: str, body, rng, headers) -> httpx.Response:
         def retried(status: int) -> None:

@@ -55,6 +55,7 @@ def test_unreachable_gateway_exits_1_with_the_errors(capsys):
     (["--mix", "compare=1,vote=2"], "bad mix entry 'vote=2'"),
     (["--prompts", "/nonexistent/prompts.jsonl"], "cannot read prompts file"),
     (["--rank-k", "12"], "rank_k must be between 2 and 9"),
+    (["--url", "127.0.0.1:8080"], "must look like http://HOST:PORT"),
 ])
 def test_bad_arguments_are_explained_without_a_traceback(argv, message, capsys):
     rc = main(["simulate", "--url", "http://127.0.0.1:9", "--comparisons", "1", *argv])

@@ -77,8 +77,9 @@ def test_percentile_interpolates_like_numpy():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"clients": 0}, "clients"), ({"api": "grpc"}, "api must be"), ({"rate": 0}, "rate"),
-    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"url": "localhost:8080"}, "http://HOST:PORT"),
 ])
 def test_bad_load_settings_are_refused(kwargs, message):
+    kwargs.setdefault("url", "http://127.0.0.1:1")
     with pytest.raises(ValueError, match=message):
-        SteadyLoad("http://127.0.0.1:1", **kwargs)
+        SteadyLoad(**kwargs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -163,3 +165,32 @@ async def test_503_is_retried_with_the_same_event_id(tiny_services):
     published = [events_pb2.FeedbackEvent.FromString(v).comparison.meta.event_id
                  for _, v, _ in publisher.on("feedloop.feedback")]
     assert published == [r.event_id for r in report.events]  # each once, under the id first sent
+
+
+async def test_a_server_that_is_not_a_gateway_gives_errors_not_a_crash():
+    class NotAGateway(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"hello": "world"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NotAGateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        users = await simulate(f"http://127.0.0.1:{server.server_port}", users=1, events=3,
+                               mix=Mix(compare=1, rate=1))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    report = users.report
+    assert report.errors == {"bad_response": 3} and report.total_sent == 0
+    assert all("unexpected answer from the gateway: KeyError" in m for m in report.error_messages)
