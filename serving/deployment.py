@@ -234,7 +234,12 @@ class DeploymentWatcher:
         if role == "policy":
             routing = Routing(state.serving_version, state.canary_version, state.canary_percent
                               if state.canary_version else 0.0)
-            self.services.engine.set_routing(routing)
+            try:
+                self.services.engine.set_routing(routing)
+            except KeyError as exc:  # a drained lane was dropped since we looked: load it next tick
+                log.warning("a version was unloaded meanwhile (will retry)",
+                            extra={"fl_role": role, "fl_revision": state.revision, "fl_error": str(exc)})
+                return
         else:
             # _load swapped it in already; nothing to route
             routing = Routing(state.serving_version)
