@@ -160,7 +160,8 @@ def _tokenizer_mismatch(serving: LoadedPolicy, candidate: LoadedPolicy) -> str |
     if a != b:
         return f"its tokenizer has {b} tokens, the serving one {a}"
     if set(serving.eos_token_ids) != set(candidate.eos_token_ids):
-        return f"its eos token ids are {sorted(candidate.eos_token_ids)}, the serving ones {sorted(serving.eos_token_ids)}"
+        return (f"its eos token ids are {sorted(candidate.eos_token_ids)}, "
+                f"the serving ones {sorted(serving.eos_token_ids)}")
     return None
 
 
