@@ -114,6 +114,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.ingest import main as bench_ingest
 
         return bench_ingest(args.rest)
+    elif which == "swap":
+        from bench.swap import main as bench_swap
+
+        return bench_swap(args.rest)
     elif which == "train":
         from bench.train import main as bench_train
 
@@ -173,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loop_commands(sub)
     add_simulate_commands(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest|train --help`")
+    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest|train|swap --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
