@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -24,6 +25,7 @@ import torch
 
 from serving.checkpoint import write_checkpoint
 from trainer.config import ConfigError
+from trainer.data import micro_batches
 
 STATE_DIR = "state"
 CHECKPOINT_DIR = "checkpoint"
@@ -174,3 +176,40 @@ def resume_training(out: Path, config: dict, data_hash: str, **load) -> tuple[Po
     _, saved = read_position(state_dir)
     check_resumable(saved["config"], config, saved["data_hash"], data_hash)
     return load_training_state(state_dir, **load), state_dir
+
+
+class StepPlan:
+    """How a stage's optimizer steps walk its training records, epoch after epoch.
+
+    An optimizer step takes `accumulation` micro-batches of `batch_size` records; the last step of an
+    epoch may take fewer. The record order of an epoch is a function of (seed, epoch) only, so any step's
+    micro-batches are known without replaying the ones before it (what resuming needs).
+    """
+
+    def __init__(self, records: int, *, batch_size: int, accumulation: int, epochs: int, seed: int,
+                 shuffle: bool, max_steps: int | None = None):
+        self.records, self.batch_size, self.accumulation = records, batch_size, accumulation
+        self.seed, self.shuffle = seed, shuffle
+        self.steps_per_epoch = math.ceil(math.ceil(records / batch_size) / accumulation)
+        self.total_steps = epochs * self.steps_per_epoch
+        if max_steps is not None:
+            self.total_steps = min(self.total_steps, max_steps)
+        self._epoch_batches: dict[int, list[list[int]]] = {}  # the current epoch's micro-batches only
+
+    def position_after(self, step: int) -> Position:
+        """Where the run stands once `step` optimizer steps are done."""
+        epoch, window = divmod(step, self.steps_per_epoch)
+        return Position(step=step, epoch=epoch, batch_index=window * self.accumulation)
+
+    def window(self, step: int) -> tuple[int, list[list[int]]]:
+        """(epoch, the micro-batches as record-index lists) of optimizer step `step` (0-based)."""
+        epoch, window = divmod(step, self.steps_per_epoch)
+        if epoch not in self._epoch_batches:
+            self._epoch_batches = {epoch: micro_batches(self.records, self.batch_size, self.seed, epoch,
+                                                        self.shuffle)}
+        return epoch, self._epoch_batches[epoch][window * self.accumulation:(window + 1) * self.accumulation]
+
+    def save_state(self, output_dir: Path, step: int, *, engine, config: dict, data_hash: str) -> Path:
+        """`save_training_state` after `step` optimizer steps (bind all but `step` with functools.partial)."""
+        return save_training_state(output_dir, self.position_after(step), engine=engine, config=config,
+                                   data_hash=data_hash)

@@ -18,7 +18,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         runner = STAGE_RUNNERS[args.stage]()
         if args.deepspeed:
             if args.stage not in DEEPSPEED_STAGES:
-                # Refusing beats silently training without it (PPO under DeepSpeed: not yet).
+                # Refusing beats silently training without it (a stage whose runner takes no `deepspeed`).
                 raise ConfigError(f"--deepspeed is not yet supported for the {args.stage} stage; "
                                   "run without it (plain torch)")
             from trainer.distributed import load_deepspeed_config
@@ -43,7 +43,7 @@ def _sft_runner():
 # Stage → a function returning its `run_<stage>(config, resume=...) -> Path`. Other stages add theirs.
 STAGE_RUNNERS = {"sft": _sft_runner}
 # Stages whose runner takes `deepspeed=CONFIG` (trainer.distributed: DeepSpeed ZeRO 0-2).
-DEEPSPEED_STAGES = {"sft", "rm", "dpo"}
+DEEPSPEED_STAGES = {"sft", "rm", "dpo", "ppo"}
 
 
 def add_train_commands(subparsers) -> None:
@@ -57,7 +57,7 @@ def add_train_commands(subparsers) -> None:
                        help="continue an interrupted run from the newest state in run.output_dir/state/")
         p.add_argument("--deepspeed", metavar="CONFIG",
                        help="train under DeepSpeed ZeRO with this config, e.g. trainer/configs/deepspeed/"
-                            "zero2-cpu.json (sft, rm, dpo); plain torch without it")
+                            "zero2-cpu.json; plain torch without it")
         p.add_argument("--log-level", default="INFO")
         p.set_defaults(func=cmd_train)
 

@@ -125,6 +125,43 @@ class DeepSpeedEngine(TorchEngine):
             raise ConfigError(f"{path}: DeepSpeed could not load its checkpoint")
 
 
+class EngineGroup:
+    """Models trained side by side, each by its own engine, saved and resumed as one training state.
+
+    PPO trains the policy and the value model: separate weights, separate losses (the policy's loss has
+    no path to the value model and the reverse), gradient norms clipped per model. One engine each is
+    what DeepSpeed needs for that (one `deepspeed.initialize` per model, as DeepSpeed-Chat does for its
+    actor and critic: a single engine would clip the two models' gradients by one global norm).
+    `extra` holds small values saved with them (PPO's KL coefficient β).
+    """
+
+    def __init__(self, engines: dict[str, TorchEngine]):
+        self.engines = engines
+        self.extra: dict = {}
+
+    def __getitem__(self, name: str) -> TorchEngine:
+        return self.engines[name]
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return any(e.is_deepspeed for e in self.engines.values())
+
+    def state_payload(self) -> dict:
+        return {"engines": {name: e.state_payload() for name, e in self.engines.items()}, "extra": dict(self.extra)}
+
+    def save_extra(self, directory: Path) -> None:
+        for name, e in self.engines.items():  # a DeepSpeed checkpoint per model: <state>/<name>/deepspeed/
+            e.save_extra(Path(directory) / name)
+
+    def load(self, directory: Path, payload: dict) -> None:
+        if "engines" not in payload:
+            raise ConfigError(f"{directory} was saved by an older trainer (one optimizer for all models); "
+                              "start a new run in a new output_dir")
+        for name, e in self.engines.items():
+            e.load(Path(directory) / name, payload["engines"][name])
+        self.extra = dict(payload["extra"])
+
+
 def load_deepspeed_config(path: str | Path) -> dict:
     """Read a DeepSpeed config file (JSON; YAML also accepted)."""
     path = Path(path)

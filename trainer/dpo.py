@@ -13,24 +13,24 @@ ranked 9 ways weighs the same as a comparison of 2 (as the ranking loss does for
 from __future__ import annotations
 
 import logging
-import math
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from serving.checkpoint import model_version_of
 from serving.models import resolve_device
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   resume_training, save_training_state, write_stage_checkpoint)
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
+                                   resume_training, write_stage_checkpoint)
 from trainer.config import ConfigError, DPOConfig, config_to_dict
-from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, micro_batches, read_records, tokenize_sft
+from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, read_records, tokenize_sft
+from trainer.distributed import build_engine
 from trainer.maths import dpo_loss, next_token_logprobs, sequence_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
-from trainer.distributed import build_engine
+from trainer.models import check_context, load_frozen, pad_token_id, resolve_model_path
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.sft import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +108,6 @@ def evaluate(policy, reference, groups: list[PreferenceGroup], config: DPOConfig
     return {k: v / len(groups) for k, v in totals.items()}
 
 
-def load_frozen(path: Path, device) -> torch.nn.Module:
-    """The reference: fp32 weights, eval mode, no gradients (it never changes)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model.requires_grad_(False)
-
-
 def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = None,
             deepspeed: str | Path | None = None) -> Path:
     """Run the DPO stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
@@ -123,7 +115,7 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
     resume / stop_at_step: as `run_sft` (continue from the newest saved state; stop and save after N steps).
     deepspeed: a DeepSpeed config file (the policy trains under ZeRO; the frozen reference stays plain).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(config.run.output_dir)
     final_dir = out / CHECKPOINT_DIR
@@ -138,10 +130,8 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
     model_path = resolve_model_path(config.model)
     reference_path = resolve_model_path(config.reference) if config.reference else model_path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if context is not None and config.data.max_length > context:
-        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    pad_id = pad_token_id(tokenizer)
+    check_context(model_path, config.data.max_length)
     train = load_preferences(config.data.train, tokenizer, config.data.max_length)
     heldout = load_preferences(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
     data_hash = dataset_hash(config.data.files())
@@ -159,42 +149,33 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
     policy.train()
 
     # 3. plan and optimizer: an optimizer step = `grad_accumulation` micro-batches of `batch_size` groups.
-    accumulation, batch_size = config.optim.grad_accumulation, config.data.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(train) / batch_size) / accumulation)
-    total_steps = config.epochs * steps_per_epoch
-    if config.run.max_steps is not None:
-        total_steps = min(total_steps, config.run.max_steps)
+    plan = StepPlan(len(train), batch_size=config.data.batch_size, accumulation=config.optim.grad_accumulation,
+                    epochs=config.epochs, seed=config.run.seed, shuffle=config.data.shuffle,
+                    max_steps=config.run.max_steps)
+    total_steps = plan.total_steps
     optimizer = build_optimizer(policy, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
-    engine = build_engine(policy, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
-                          accumulation=accumulation, deepspeed_config=deepspeed)
+    engine = build_engine(policy, optimizer, scheduler, grad_clip=config.optim.grad_clip,
+                          batch_size=config.data.batch_size, accumulation=plan.accumulation,
+                          deepspeed_config=deepspeed)
 
     # 4. resume: policy, optimizer, scheduler, RNG and data position (the reference is reloaded: frozen).
     position = Position(step=0, epoch=0, batch_index=0)
     if resume:
         position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
-
-    def save_state(step: int) -> Path:
-        epoch, window = divmod(step, steps_per_epoch)
-        return save_training_state(out, Position(step, epoch, window * accumulation), engine=engine,
-                                   config=config_dict, data_hash=data_hash)
+    save_state = partial(plan.save_state, out, engine=engine, config=config_dict, data_hash=data_hash)
 
     # 5. train: the step's loss is the mean over its groups of each group's mean pair loss.
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
     last: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
     bar = progress_bar(total_steps, position.step, "dpo")
     step = position.step
     try:
         while step < total_steps:
-            epoch, window = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:  # the order depends only on (seed, epoch): nothing to replay
-                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
-                                                      config.data.shuffle)}
-            window_groups = [[train[i] for i in indices]
-                             for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
+            epoch, window = plan.window(step)  # the order depends only on (seed, epoch): nothing to replay
+            window_groups = [[train[i] for i in indices] for indices in window]
             n_groups = sum(len(groups) for groups in window_groups)
             totals = dict.fromkeys(STATS, 0.0)
             for i, groups in enumerate(window_groups):

@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -58,3 +61,34 @@ class Throughput:
         rate = self.tokens / max(now - self.start, 1e-9)
         self.tokens, self.start = 0, now
         return rate
+
+
+class PhaseTimer:
+    """Wall seconds spent in each named phase of a step, reported as `<phase>_s` metrics.
+
+    On CUDA the device is synchronised at each phase boundary, so a phase is charged for its own
+    kernels rather than for whatever the next phase waits on (a few syncs per step: negligible next to
+    a training step's work).
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.sync = torch.device(device).type == "cuda" if device is not None else False
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        """{`<phase>_s`: seconds} since the last take (phases in the order first timed), then reset."""
+        out = {f"{name}_s": round(seconds, 4) for name, seconds in self.seconds.items()}
+        self.seconds = {}
+        return out

@@ -15,16 +15,20 @@ Models:
   position's hidden state (plus the RM's bias), so V(s_t) starts as "the RM's score if the text ended
   here". `token_values` is that per-token read-out; the value model has its own weights (no shared body).
 
-Resume: policy, value model and β (a buffer) are one `ModuleDict`, trained by one AdamW (gradient
-norms clipped per model), so `save_training_state` captures them with the optimizer, scheduler and
-RNG. Rollouts draw from per-request seeds of (seed, step, index) and mini-batch orders from
-generators of (seed, step, epoch), so a resumed run repeats an uninterrupted one exactly.
+Training: the policy and the value model each have their own engine (trainer/distributed.py: plain
+torch, or DeepSpeed ZeRO with `--deepspeed`), AdamW and schedule, from the same recipe; their losses
+touch disjoint weights, so each engine gets its own half of the objective and clips its own gradient
+norm. The reference and the reward model are plain frozen modules (no engine, no optimizer state).
+
+Resume: both engines' states, β and the RNG are one training state (`EngineGroup`); rollouts draw
+from per-request seeds of (seed, step, index) and mini-batch orders from generators of (seed, step,
+epoch), so a resumed run repeats an uninterrupted one exactly.
 """
 from __future__ import annotations
 
 import logging
-import math
 import random
+import time
 from pathlib import Path
 
 import torch
@@ -32,19 +36,18 @@ import torch
 from serving.checkpoint import model_version_of
 from serving.engine.engine import LocalEngine
 from serving.models import resolve_device
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   resume_training, save_training_state, write_stage_checkpoint)
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
+                                   resume_training, write_stage_checkpoint)
 from trainer.config import ConfigError, PPOConfig, config_to_dict
-from trainer.data import micro_batches
-from trainer.dpo import load_frozen
+from trainer.distributed import EngineGroup, build_engine
 from trainer.maths import (AdaptiveKLController, FixedKLController, entropy, gae, kl_penalty, masked_sum,
                            next_token_logprobs, per_token_rewards, policy_loss, ptx_loss, value_loss,
                            whiten_advantages)
-from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.metrics import MetricsLog, PhaseTimer, Throughput, progress_bar
+from trainer.models import check_context, load_frozen, load_scalar_head, pad_token_id, resolve_model_path
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.reward import check_same_tokenizer
 from trainer.rollouts import collate_rollouts, generate, load_prompts, load_ptx, score_rollouts
-from trainer.sft import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -102,90 +105,109 @@ def evaluate_rollouts(engine, policy, reference, reward_model, tokenizer, prompt
     return {"score": scores.mean().item(), "kl": kl.mean().item()}
 
 
-def ppo_step(step: int, prompts, *, engine, models, reference, reward_model, kl_controller, optimizer, scheduler,
-             ptx, tokenizer, config: PPOConfig, pad_id: int, device, autocast_dtype) -> dict[str, float]:
-    """One PPO step on a rollout batch of `prompts`; returns the step's metrics."""
-    policy, value_model = models["policy"], models["value_model"]
-    seed = config.run.seed
+# The phases of a PPO step, timed into its metrics as `<phase>_s` (bench/train.py reports them).
+PHASES = ("rollout", "score", "logprobs", "advantages", "update")
 
-    # 1. rollouts: the engine samples one completion per prompt from the current weights.
-    rollouts = generate(engine, prompts, config.max_new_tokens, config.temperature, seed, step)
+
+def ppo_step(step: int, prompts, *, engine, engines: EngineGroup, reference, reward_model, kl_controller, ptx,
+             tokenizer, config: PPOConfig, pad_id: int, device, autocast_dtype) -> dict[str, float]:
+    """One PPO step on a rollout batch of `prompts`; returns the step's metrics (PHASES' seconds included).
+
+    engine: the serving engine around the policy; engines: the policy's and the value model's training
+    engines (`engines["policy"].module` is the very policy object the serving engine generates with).
+    """
+    policy, value_model = engines["policy"].module, engines["value_model"].module
+    seed = config.run.seed
+    timer = PhaseTimer(device)
+    step_start = time.perf_counter()
+
+    # 1. rollouts: the engine samples one completion per prompt from the current weights; the reward
+    # model scores them; old log-probs, the reference's log-probs and the values are one forward each.
+    with timer.phase("rollout"):
+        rollouts = generate(engine, prompts, config.max_new_tokens, config.temperature, seed, step)
     input_ids, attention_mask, mask = (t.to(device) for t in collate_rollouts(rollouts, pad_id))  # (B, T), (B, T), (B, T-1)
     with torch.no_grad():
-        scores = score_rollouts(reward_model, tokenizer, rollouts, pad_id, device, autocast_dtype,
-                                config.data.max_length)  # (B,)
-        old_logprobs = next_token_logprobs(
-            policy_logits(policy, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)  # (B, T-1)
-        ref_logprobs = next_token_logprobs(
-            policy_logits(reference, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)
-        old_values = token_values(value_model, input_ids, attention_mask, autocast_dtype)  # (B, T-1)
+        with timer.phase("score"):
+            scores = score_rollouts(reward_model, tokenizer, rollouts, pad_id, device, autocast_dtype,
+                                    config.data.max_length)  # (B,)
+        with timer.phase("logprobs"):
+            old_logprobs = next_token_logprobs(
+                policy_logits(policy, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)  # (B, T-1)
+            ref_logprobs = next_token_logprobs(
+                policy_logits(reference, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)
+            old_values = token_values(value_model, input_ids, attention_mask, autocast_dtype)  # (B, T-1)
 
-    # 2. rewards and KL: the score at each completion's last token, −β · KL at every token.
-    beta = kl_controller.value
-    kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator)  # (B, T-1)
-    rewards = per_token_rewards(scores, kl, mask, beta, config.score_clip, config.whiten_rewards)  # (B, T-1)
-    sequence_kl = masked_sum(kl, mask, dim=-1).mean().item()  # nats per sequence
+    with timer.phase("advantages"):
+        # 2. rewards and KL: the score at each completion's last token, −β · KL at every token.
+        beta = kl_controller.value
+        kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator)  # (B, T-1)
+        rewards = per_token_rewards(scores, kl, mask, beta, config.score_clip, config.whiten_rewards)  # (B, T-1)
+        sequence_kl = masked_sum(kl, mask, dim=-1).mean().item()  # nats per sequence
 
-    # 3. advantages: GAE over each completion, whitened over the batch.
-    advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)  # (B, T-1) each
-    if config.whiten_advantages:
-        advantages = whiten_advantages(advantages, mask)
+        # 3. advantages: GAE over each completion, whitened over the batch.
+        advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)  # (B, T-1) each
+        if config.whiten_advantages:
+            advantages = whiten_advantages(advantages, mask)
 
-    # 4. PPO epochs: shuffled mini-batches, clipped policy and value losses, one optimizer step each.
+    # 4. PPO epochs: shuffled mini-batches, clipped policy and value losses, one optimizer step each
+    # for the policy and for the value model (separate weights and losses, gradient norms clipped per model).
     n = len(rollouts)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "entropy",
                                                      "approx_kl", "value_clip_fraction", "ptx_loss")}
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    value_params = [p for p in value_model.parameters() if p.requires_grad]
-    max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
-    for epoch in range(config.ppo_epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + epoch))
-        for k, start in enumerate(range(0, n, config.data.mini_batch_size)):
-            mb = order[start:start + config.data.mini_batch_size].to(device)
-            ids, attn, m = input_ids[mb], attention_mask[mb], mask[mb]
-            logits = policy_logits(policy, ids, attn, config.temperature, autocast_dtype)  # (b, T, V)
-            pl = policy_loss(next_token_logprobs(logits, ids), old_logprobs[mb], advantages[mb], m, config.clip_range)
-            vl = value_loss(token_values(value_model, ids, attn, autocast_dtype), old_values[mb], returns[mb], m,
-                            config.value_clip)
-            loss = pl.loss + config.value_loss_coef * vl.loss
-            with torch.no_grad():
-                stats["entropy"].append(entropy(logits[:, :-1], m).item())
+    with timer.phase("update"):
+        for epoch in range(config.ppo_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + epoch))
+            for k, start in enumerate(range(0, n, config.data.mini_batch_size)):
+                mb = order[start:start + config.data.mini_batch_size].to(device)
+                ids, attn, m = input_ids[mb], attention_mask[mb], mask[mb]
+                logits = policy_logits(policy, ids, attn, config.temperature, autocast_dtype)  # (b, T, V)
+                pl = policy_loss(next_token_logprobs(logits, ids), old_logprobs[mb], advantages[mb], m,
+                                 config.clip_range)
+                vl = value_loss(token_values(value_model, ids, attn, autocast_dtype), old_values[mb], returns[mb], m,
+                                config.value_clip)
+                policy_side = pl.loss
+                with torch.no_grad():
+                    stats["entropy"].append(entropy(logits[:, :-1], m).item())
 
-            # 5. ptx: γ_ptx · next-token loss on a ptx batch, in the same update (InstructGPT eq. 2).
-            if ptx:
-                g = torch.Generator().manual_seed(seed * 7_919 + step * 1_009 + epoch * 101 + k)
-                chosen = torch.randint(len(ptx), (config.data.ptx_batch_size,), generator=g).tolist()
-                ptx_ids, ptx_mask = ptx_batch(ptx, chosen, pad_id, device)
-                with torch.set_grad_enabled(config.ptx_coef > 0):  # coef 0: measured, not trained
-                    px = ptx_loss(policy_logits(policy, ptx_ids, ptx_mask.long(), 1.0, autocast_dtype), ptx_ids,
-                                  ptx_mask, config.ptx_coef)
-                if config.ptx_coef > 0:
-                    loss = loss + px.loss
-                stats["ptx_loss"].append(px.nll.item())
+                # 5. ptx: γ_ptx · next-token loss on a ptx batch, in the same update (InstructGPT eq. 2).
+                if ptx:
+                    g = torch.Generator().manual_seed(seed * 7_919 + step * 1_009 + epoch * 101 + k)
+                    chosen = torch.randint(len(ptx), (config.data.ptx_batch_size,), generator=g).tolist()
+                    ptx_ids, ptx_mask = ptx_batch(ptx, chosen, pad_id, device)
+                    with torch.set_grad_enabled(config.ptx_coef > 0):  # coef 0: measured, not trained
+                        px = ptx_loss(policy_logits(policy, ptx_ids, ptx_mask.long(), 1.0, autocast_dtype), ptx_ids,
+                                      ptx_mask, config.ptx_coef)
+                    if config.ptx_coef > 0:
+                        policy_side = policy_side + px.loss
+                    stats["ptx_loss"].append(px.nll.item())
 
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
-            torch.nn.utils.clip_grad_norm_(value_params, max_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            for name, value in (("policy_loss", pl.loss), ("value_loss", vl.loss), ("clip_fraction", pl.clip_fraction),
-                                ("approx_kl", pl.approx_kl), ("value_clip_fraction", vl.clip_fraction)):
-                stats[name].append(value.item())
+                # The objective is policy_side + c·value loss; each half's gradient reaches only its model.
+                engines["policy"].backward(policy_side)
+                engines["value_model"].backward(config.value_loss_coef * vl.loss)
+                engines["policy"].step()  # clip, update, schedule, zero_grad (plain torch or DeepSpeed)
+                engines["value_model"].step()
+                for name, value in (("policy_loss", pl.loss), ("value_loss", vl.loss),
+                                    ("clip_fraction", pl.clip_fraction), ("approx_kl", pl.approx_kl),
+                                    ("value_clip_fraction", vl.clip_fraction)):
+                    stats[name].append(value.item())
 
     kl_controller.update(sequence_kl, n)
     means = {k: (sum(v) / len(v) if v else None) for k, v in stats.items()}
     return {"score": scores.mean().item(), "score_std": scores.std().item() if n > 1 else 0.0, "kl": sequence_kl,
             "kl_coef": beta, **means, "response_length": mask.sum(-1).float().mean().item(),
-            "tokens": int(attention_mask.sum())}
+            "tokens": int(attention_mask.sum()), **timer.take(),
+            "step_s": round(time.perf_counter() - step_start, 4)}
 
 
-def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = None) -> Path:
+def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = None,
+            deepspeed: str | Path | None = None) -> Path:
     """Run the PPO stage; returns the checkpoint directory (`run.output_dir/checkpoint`).
 
     resume, stop_at_step: as for `trainer.sft.run_sft` (a PPO step is one rollout batch).
+    deepspeed: a DeepSpeed config file: the policy and the value model train under DeepSpeed ZeRO, one
+        engine each; the frozen reference and reward model stay plain modules.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(config.run.output_dir)
     final_dir = out / CHECKPOINT_DIR
@@ -202,10 +224,8 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     reference_path = resolve_model_path(config.reference) if config.reference else policy_path
     tokenizer = AutoTokenizer.from_pretrained(policy_path)
     check_same_tokenizer(AutoTokenizer.from_pretrained(reward_path), config.policy)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context = getattr(AutoConfig.from_pretrained(policy_path), "max_position_embeddings", None)
-    if context is not None and config.data.max_length > context:
-        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    pad_id = pad_token_id(tokenizer)
+    check_context(policy_path, config.data.max_length)
     max_prompt = config.data.max_length - config.max_new_tokens
     train = load_prompts(config.data.train, tokenizer, max_prompt)
     heldout = load_prompts(config.data.heldout, tokenizer, max_prompt) if config.data.heldout else []
@@ -218,74 +238,68 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
     policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     reference = load_frozen(reference_path, device)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=torch.float32)
-    reward_model.config.pad_token_id = pad_id
-    reward_model = reward_model.to(device).eval().requires_grad_(False)
-    value_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=torch.float32)
-    value_model.config.pad_token_id = pad_id
-    value_model = value_model.to(device)
+    reward_model = load_scalar_head(reward_path, pad_id, device).eval().requires_grad_(False)
+    value_model = load_scalar_head(reward_path, pad_id, device)
     if config.run.gradient_checkpointing:
         for model in (policy, value_model):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # 3. plan and optimizers: a PPO step per rollout batch; ppo_epochs × mini-batches optimizer steps each,
+    # for the policy and for the value model, each with its own AdamW and schedule (the same recipe).
+    plan = StepPlan(len(train), batch_size=config.data.batch_size, accumulation=1, epochs=config.epochs,
+                    seed=config.run.seed, shuffle=config.data.shuffle, max_steps=config.run.max_steps)
+    total_steps = plan.total_steps
+    updates = total_steps * config.ppo_epochs * -(-config.data.batch_size // config.data.mini_batch_size)
+    engines = EngineGroup({})
+    for name, model in (("policy", policy), ("value_model", value_model)):
+        optimizer = build_optimizer(model, config.optim)
+        engines.engines[name] = build_engine(model, optimizer, build_scheduler(optimizer, config.optim, updates),
+                                             grad_clip=config.optim.grad_clip, batch_size=config.data.mini_batch_size,
+                                             accumulation=1, deepspeed_config=deepspeed)
     # eval mode throughout: no dropout, so the rollout's log-probs and the update's agree
     policy.eval()
     value_model.eval()
-    models = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
-    models.register_buffer("kl_coef", torch.tensor(config.init_kl_coef, dtype=torch.float64))
+    # The serving engine generates with the trained policy object itself (under DeepSpeed, the engine's
+    # module: ZeRO-2 updates its parameters in place), so every rollout samples from the current weights.
+    assert engines["policy"].module is policy
     eos = policy.generation_config.eos_token_id if policy.generation_config.eos_token_id is not None \
         else tokenizer.eos_token_id
     engine = LocalEngine(policy, tokenizer, tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
                          max_batch_size=max(config.data.batch_size, 1), max_queue=max(len(train), len(heldout), 1),
                          max_input_tokens=max_prompt, max_total_tokens=config.data.max_length)
 
-    # 3. plan and optimizer: a PPO step per rollout batch; ppo_epochs × mini-batches optimizer steps each.
-    batch_size = config.data.batch_size
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.run.max_steps is not None:
-        total_steps = min(total_steps, config.run.max_steps)
-    updates_per_step = config.ppo_epochs * math.ceil(batch_size / config.data.mini_batch_size)
-    optimizer = build_optimizer(models, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, total_steps * updates_per_step)
-
-    # 4. resume: policy, value model, β, optimizer, scheduler, RNG and the step.
+    # 4. resume: policy, value model, their optimizers and schedules, β, RNG and the step.
     position = Position(step=0, epoch=0, batch_index=0)
+    engines.extra["kl_coef"] = config.init_kl_coef
     if resume:
-        position, state_dir = resume_training(out, config_dict, data_hash, model=models, optimizer=optimizer, scheduler=scheduler)
+        position, state_dir = resume_training(out, config_dict, data_hash, engine=engines)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
-    kl_controller = (AdaptiveKLController(models.kl_coef.item(), config.kl_target, config.kl_horizon)
-                     if config.kl_target is not None else FixedKLController(models.kl_coef.item()))
+    kl_coef = engines.extra["kl_coef"]
+    kl_controller = (AdaptiveKLController(kl_coef, config.kl_target, config.kl_horizon)
+                     if config.kl_target is not None else FixedKLController(kl_coef))
 
     def save_state(step: int) -> Path:
-        models.kl_coef.fill_(kl_controller.value)
-        epoch, batch = divmod(step, steps_per_epoch)
-        return save_training_state(out, Position(step, epoch, batch), model=models, optimizer=optimizer,
-                                   scheduler=scheduler, config=config_dict, data_hash=data_hash)
+        engines.extra["kl_coef"] = kl_controller.value
+        return plan.save_state(out, step, engine=engines, config=config_dict, data_hash=data_hash)
 
     # 5. train: one PPO step per rollout batch of prompts.
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
     last: dict = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
     bar = progress_bar(total_steps, position.step, "ppo")
     step = position.step
     try:
         while step < total_steps:
-            epoch, batch = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:  # the order depends only on (seed, epoch)
-                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
-                                                      config.data.shuffle)}
-            prompts = [train[i] for i in epoch_batches[epoch][batch]]
-            last = ppo_step(step, prompts, engine=engine, models=models, reference=reference,
-                            reward_model=reward_model, kl_controller=kl_controller, optimizer=optimizer,
-                            scheduler=scheduler, ptx=ptx, tokenizer=tokenizer, config=config, pad_id=pad_id,
-                            device=device, autocast_dtype=autocast_dtype)
+            epoch, (batch,) = plan.window(step)  # the order depends only on (seed, epoch)
+            last = ppo_step(step, [train[i] for i in batch], engine=engine, engines=engines, reference=reference,
+                            reward_model=reward_model, kl_controller=kl_controller, ptx=ptx, tokenizer=tokenizer,
+                            config=config, pad_id=pad_id, device=device, autocast_dtype=autocast_dtype)
             throughput.add(last.pop("tokens"))
             step += 1
             bar.update(1)
             bar.set_postfix(score=f"{last['score']:.3f}", kl=f"{last['kl']:.3f}")
             if step % config.run.log_every == 0 or step == total_steps:
-                metrics_log.write({"step": step, "epoch": epoch, **last, "lr": scheduler.get_last_lr()[0],
+                metrics_log.write({"step": step, "epoch": epoch, **last, "lr": engines["policy"].scheduler.get_last_lr()[0],
                                    "tokens_per_s": round(throughput.take(), 1)})
             if stop_at_step is not None and step >= stop_at_step and step < total_steps:
                 return save_state(step)
@@ -304,7 +318,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_prompts": len(train),
                "reward_model_version": model_version_of(reward_path),
                "reference_version": model_version_of(reference_path), "final_kl_coef": kl_controller.value,
-               **{f"final_{k}": v for k, v in last.items()}}
+               **{f"final_{k}": v for k, v in last.items() if not k.endswith("_s")}}
     if heldout:
         held = evaluate_rollouts(engine, policy, reference, reward_model, tokenizer, heldout, config, pad_id, device,
                                  autocast_dtype, step=-1)

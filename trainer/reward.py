@@ -16,9 +16,10 @@ each training ranking (what people preferred: the closest thing to a demonstrati
 from __future__ import annotations
 
 import logging
-import math
 import random
+import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,15 +27,15 @@ import torch
 from serving.checkpoint import model_version_of
 from serving.engine.reward import render_pair, reward_scores
 from serving.models import resolve_device
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   resume_training, save_training_state, write_stage_checkpoint)
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
+                                   resume_training, write_stage_checkpoint)
 from trainer.config import ConfigError, RMConfig, config_to_dict
-from trainer.data import DatasetError, micro_batches, read_records
-from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
-from trainer.metrics import MetricsLog, Throughput, progress_bar
+from trainer.data import DatasetError, read_records
 from trainer.distributed import build_engine
+from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
+from trainer.metrics import MetricsLog, PhaseTimer, Throughput, progress_bar
+from trainer.models import check_context, load_scalar_head, pad_token_id, resolve_model_path
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.sft import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
 
     resume, stop_at_step, deepspeed: as for `trainer.sft.run_sft`.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out = Path(config.run.output_dir)
     final_dir = out / CHECKPOINT_DIR
@@ -148,10 +149,8 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if config.policy is not None:
         check_same_tokenizer(tokenizer, config.policy)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if context is not None and config.data.max_length > context:
-        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    pad_id = pad_token_id(tokenizer)
+    check_context(model_path, config.data.max_length)
     train = load_rankings(config.data.train, tokenizer, config.data.max_length)
     heldout = load_rankings(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
     demonstrations = (load_demonstrations(config.data.demonstrations, tokenizer, config.data.max_length)
@@ -162,61 +161,56 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     # 2. model: the body of `model`, its LM head replaced by a fresh one-output head (seeded above).
     device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = pad_id
-    model = model.to(device)
+    model = load_scalar_head(model_path, pad_id, device)
     if config.run.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.train()
 
     # 3. plan and optimizer: a micro-batch is `data.batch_size` groups; a step, `grad_accumulation` of them.
-    accumulation, batch_size = config.optim.grad_accumulation, config.data.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(train) / batch_size) / accumulation)
-    total_steps = config.epochs * steps_per_epoch
-    if config.run.max_steps is not None:
-        total_steps = min(total_steps, config.run.max_steps)
+    plan = StepPlan(len(train), batch_size=config.data.batch_size, accumulation=config.optim.grad_accumulation,
+                    epochs=config.epochs, seed=config.run.seed, shuffle=config.data.shuffle,
+                    max_steps=config.run.max_steps)
+    total_steps = plan.total_steps
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
-    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
-                          accumulation=accumulation, deepspeed_config=deepspeed)
+    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip,
+                          batch_size=config.data.batch_size, accumulation=plan.accumulation,
+                          deepspeed_config=deepspeed)
 
     # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
     position = Position(step=0, epoch=0, batch_index=0)
     if resume:
         position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
-
-    def save_state(step: int) -> Path:
-        epoch, window = divmod(step, steps_per_epoch)
-        return save_training_state(out, Position(step, epoch, window * accumulation), engine=engine,
-                                   config=config_dict, data_hash=data_hash)
+    save_state = partial(plan.save_state, out, engine=engine, config=config_dict, data_hash=data_hash)
 
     # 5. train
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
     last_loss = None
-    epoch_batches: dict[int, list[list[int]]] = {}
+    timer = PhaseTimer(device)  # forward, backward and optimizer seconds of each step, in its metrics line
     bar = progress_bar(total_steps, position.step, "rm")
     step = position.step
     try:
         while step < total_steps:
-            epoch, window = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:  # the order depends only on (seed, epoch)
-                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
-                                                      config.data.shuffle)}
-            window_groups = [[train[i] for i in indices]
-                             for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
+            step_start = time.perf_counter()
+            epoch, window = plan.window(step)  # the order depends only on (seed, epoch)
+            window_groups = [[train[i] for i in indices] for indices in window]
             n_prompts = sum(len(groups) for groups in window_groups)
             window_loss, correct = 0.0, []
             for i, groups in enumerate(window_groups):
-                rewards, mask = group_rewards(model, groups, pad_id, device, autocast_dtype)  # (P, K_max)
-                loss = ranking_loss(rewards, mask) * (len(groups) / n_prompts)  # this micro-batch's share
-                engine.backward(loss, last=i == len(window_groups) - 1)
+                with timer.phase("forward"):
+                    rewards, mask = group_rewards(model, groups, pad_id, device, autocast_dtype)  # (P, K_max)
+                    loss = ranking_loss(rewards, mask) * (len(groups) / n_prompts)  # this micro-batch's share
+                with timer.phase("backward"):
+                    engine.backward(loss, last=i == len(window_groups) - 1)
                 window_loss += loss.item()
                 correct.append(pairwise_accuracy(rewards, mask).item())
                 throughput.add(sum(len(s) for g in groups for s in g.sequences))
-            grad_norm, lr = engine.step()  # clip, update, schedule, zero_grad (plain torch or DeepSpeed)
+            with timer.phase("optimizer"):
+                grad_norm, lr = engine.step()  # clip, update, schedule, zero_grad (plain torch or DeepSpeed)
+            phases = {**timer.take(), "step_s": round(time.perf_counter() - step_start, 4)}  # this step's
             step += 1
             last_loss = window_loss
             bar.update(1)
@@ -224,7 +218,7 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
             if step % config.run.log_every == 0 or step == total_steps:
                 metrics_log.write({"step": step, "epoch": epoch, "loss": window_loss,
                                    "accuracy": sum(correct) / len(correct), "lr": lr, "grad_norm": grad_norm,
-                                   "tokens_per_s": round(throughput.take(), 1)})
+                                   "tokens_per_s": round(throughput.take(), 1), **phases})
             if stop_at_step is not None and step >= stop_at_step and step < total_steps:
                 return save_state(step)
             if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
@@ -240,13 +234,13 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     if config.run.gradient_checkpointing:
         model.gradient_checkpointing_disable()
         model.config.use_cache = True
-    bias = centre_on(model, demonstrations, batch_size, pad_id, device)
+    bias = centre_on(model, demonstrations, config.data.batch_size, pad_id, device)
 
     # 7. evaluate: held-out pairwise accuracy and loss with the final (centred) model.
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_groups": len(train), "final_loss": last_loss,
                "reward_bias": bias, "demonstrations": len(demonstrations)}
     if heldout:
-        metrics.update(evaluate(model, heldout, batch_size, pad_id, device, autocast_dtype))
+        metrics.update(evaluate(model, heldout, config.data.batch_size, pad_id, device, autocast_dtype))
         metrics_log.write({"step": total_steps, "heldout_accuracy": metrics["heldout_accuracy"],
                            "heldout_loss": metrics["heldout_loss"]})
 

@@ -8,38 +8,25 @@ its micro-batches), so gradient accumulation gives the gradient one big batch wo
 from __future__ import annotations
 
 import logging
-import math
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from serving.checkpoint import model_version_of
-from serving.models import ensure_bundled_model, resolve_device
-from serving.paths import data_dir_from_env
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, dataset_hash, latest_training_state,
-                                   resume_training, save_training_state, write_stage_checkpoint)
+from serving.models import resolve_device
+from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
+                                   resume_training, write_stage_checkpoint)
 from trainer.config import ConfigError, SFTConfig, config_to_dict
-from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft, micro_batches
+from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft
+from trainer.distributed import build_engine
 from trainer.maths import masked_sum, next_token_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
-from trainer.distributed import build_engine
+from trainer.models import check_context, pad_token_id, resolve_model_path
 from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
-
-# Config keys that may change between an interrupted run and its resumption (they do not change the result).
-
-
-def resolve_model_path(model: str) -> Path:
-    """'bundled' → the dequantised SmolLM2 in the data dir (made once); otherwise a checkpoint directory."""
-    if model == "bundled":
-        return ensure_bundled_model(data_dir_from_env())
-    path = Path(model)
-    if not (path / "config.json").exists():
-        raise ConfigError(f"model: {path} is not an HF checkpoint directory (no config.json)")
-    return path
-
 
 def response_nll_sum(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
     """Summed negative log-likelihood (nats) of the batch's response tokens (labels != IGNORE_INDEX).
@@ -80,7 +67,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
         directory instead (splitting a run across time slots; the tests' interruption).
     deepspeed: a DeepSpeed config file: apply the updates with DeepSpeed ZeRO (trainer.distributed).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = Path(config.run.output_dir)
     final_dir = out / CHECKPOINT_DIR
@@ -94,10 +81,8 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     # 1. data: read, validate and tokenise every record before loading any weights.
     model_path = resolve_model_path(config.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-    if context is not None and config.data.max_length > context:
-        raise ConfigError(f"data.max_length {config.data.max_length} exceeds the model's context ({context} tokens)")
+    pad_id = pad_token_id(tokenizer)
+    check_context(model_path, config.data.max_length)
     train = load_sft(config.data.train, tokenizer, config.data.max_length)
     heldout = load_sft(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
     data_hash = dataset_hash(config.data.files())
@@ -114,46 +99,33 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
 
     # 3. plan and optimizer: an optimizer step = `grad_accumulation` micro-batches; the last step of
     # an epoch may take fewer.
-    accumulation, batch_size = config.optim.grad_accumulation, config.data.batch_size
-    batches_per_epoch = math.ceil(len(train) / batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
-    total_steps = config.epochs * steps_per_epoch
-    if config.run.max_steps is not None:
-        total_steps = min(total_steps, config.run.max_steps)
+    plan = StepPlan(len(train), batch_size=config.data.batch_size, accumulation=config.optim.grad_accumulation,
+                    epochs=config.epochs, seed=config.run.seed, shuffle=config.data.shuffle,
+                    max_steps=config.run.max_steps)
+    total_steps = plan.total_steps
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, total_steps)
-    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
-                          accumulation=accumulation, deepspeed_config=deepspeed)
+    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip,
+                          batch_size=config.data.batch_size, accumulation=plan.accumulation,
+                          deepspeed_config=deepspeed)
 
     # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
     position = Position(step=0, epoch=0, batch_index=0)
     if resume:
         position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
-
-    def position_after(step: int) -> Position:
-        epoch, window = divmod(step, steps_per_epoch)
-        return Position(step=step, epoch=epoch, batch_index=window * accumulation)
-
-    def save_state(step: int) -> Path:
-        return save_training_state(out, position_after(step), engine=engine, config=config_dict,
-                                   data_hash=data_hash)
+    save_state = partial(plan.save_state, out, engine=engine, config=config_dict, data_hash=data_hash)
 
     # 5. train
     metrics_log = MetricsLog(out, resume_step=position.step)
     throughput = Throughput()
     last_loss = None
-    epoch_batches: dict[int, list[list[int]]] = {}
     bar = progress_bar(total_steps, position.step, "sft")
     step = position.step
     try:
         while step < total_steps:
-            epoch, window = divmod(step, steps_per_epoch)
-            if epoch not in epoch_batches:  # the order depends only on (seed, epoch): nothing to replay
-                epoch_batches = {epoch: micro_batches(len(train), batch_size, config.run.seed, epoch,
-                                                      config.data.shuffle)}
-            window_examples = [[train[i] for i in indices]
-                               for indices in epoch_batches[epoch][window * accumulation:(window + 1) * accumulation]]
+            epoch, window = plan.window(step)  # the order depends only on (seed, epoch): nothing to replay
+            window_examples = [[train[i] for i in indices] for indices in window]
             n_targets = max(count_targets([e for mb in window_examples for e in mb]), 1)
             window_loss = 0.0
             for i, examples in enumerate(window_examples):
@@ -186,7 +158,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_examples": len(train),
                "final_loss": last_loss}
     if heldout:
-        metrics["heldout_loss"] = evaluate(model, heldout, batch_size, pad_id, device, autocast_dtype)
+        metrics["heldout_loss"] = evaluate(model, heldout, config.data.batch_size, pad_id, device, autocast_dtype)
         metrics_log.write({"step": total_steps, "heldout_loss": metrics["heldout_loss"]})
 
     # 7. checkpoint: HF files + manifest, atomically; serving loads it as a policy.
