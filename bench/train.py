@@ -1,24 +1,19 @@
 """`feedloop bench train`: wall time and samples/s of ONE PPO step and ONE reward-model epoch on the
 bundled SmolLM2, broken down by phase, plus the rollout generator against HF `generate`.
 
-Data is synthetic (built in a temporary directory): P chat prompts for PPO, and G ranking groups of
-K = 2..4 short completions for the RM. Models are built as `run_ppo` / `run_rm` build them: the policy
-and the frozen reference are the bundled model; the reward model (frozen) and the value model
-(trained) are the bundled body with a fresh scalar head (seeded), as `run_rm` starts one.
-
-PPO phases follow `trainer.ppo.ppo_step` in its order, calling the same functions (trainer/ppo.py is
-not instrumented, so its boundaries are replicated here):
-  rollout  — `trainer.rollouts.generate`: the serving `LocalEngine`'s continuous batching;
-  score    — `score_rollouts` (the RM's score, as /v1/score);
-  logprobs — old/reference log-probs and old values (three forwards), KL, rewards, GAE;
-  update   — ppo_epochs × mini-batches of clipped policy + value loss, backward, clip, AdamW step.
-RM phases (one pass over the groups, as `run_rm`'s loop): forward (`group_rewards` + `ranking_loss`),
-backward, optimizer step (clip, AdamW, schedule).
+Data is synthetic (built in a temporary directory): chat prompts for PPO, and ranking groups of K = 2..4
+short completions for the RM. The stages themselves run: `run_ppo` for `--ppo-steps` rollout batches and
+`run_rm` for `--rm-epochs` epochs, with the bundled model as policy and reference, and its body with a
+fresh scalar head (seeded) as reward and value model. The numbers are the stages' own phase timings from
+their metrics lines (`ppo_step`: rollout, score, logprobs, advantages, update; the RM loop: forward,
+backward, optimizer); the LAST PPO step and the LAST RM epoch are reported, so the earlier ones warm up
+(first-call costs: allocator, kernels, the attention function switch). Loading, evaluation, RM
+centring and checkpoint writing are outside the timed steps.
 
 Rollout baseline: HF `generate` on a separate copy of the policy (the engine switches its model's
-attention function), the same prompts as ONE static left-padded batch, the same max_new_tokens,
-sampling at temperature 1 (top-k/top-p off, as the engine's rollouts). Both stop rows at eos, so
-tokens/s counts each row's generated tokens up to and including eos.
+attention function), the reported step's prompts as ONE static left-padded batch, the same
+max_new_tokens, sampling at temperature 1 (top-k/top-p off, as the engine's rollouts). Both stop rows
+at eos, so tokens/s counts each row's generated tokens up to and including eos.
 """
 from __future__ import annotations
 
@@ -26,7 +21,6 @@ import argparse
 import datetime
 import json
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -57,120 +51,39 @@ def write_data(directory: Path, prompts: int, groups: int) -> tuple[Path, Path]:
     return prompt_path, rm_path
 
 
-class Phases:
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+def ppo_prompts(path: Path, model_path: Path, batch: int, step: int) -> list[str]:
+    """The chat-templated texts the rollouts of PPO step `step` continued (data in file order)."""
+    from transformers import AutoTokenizer
 
-    def time(self, name: str):
-        phases = self
+    from trainer.rollouts import load_prompts
 
-        class _Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                phases.seconds[name] = phases.seconds.get(name, 0.0) + time.perf_counter() - self.start
-
-        return _Timer()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = load_prompts(path, tokenizer, 10 ** 6)[step * batch:(step + 1) * batch]
+    return [tokenizer.decode(p.ids) for p in prompts]
 
 
 def bench_ppo(args, prompt_path: Path, model_path: Path) -> dict:
-    """One PPO step, phases timed; models built as in `run_ppo` step 2."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from serving.engine.engine import LocalEngine
+    """`run_ppo` for `--ppo-steps` steps (one rollout batch of `--prompts` each); the last step's metrics."""
     from trainer.config import PPOConfig, config_from_dict
-    from trainer.dpo import load_frozen
-    from trainer.maths import (FixedKLController, gae, kl_penalty, masked_sum, next_token_logprobs,
-                               per_token_rewards, policy_loss, value_loss, whiten_advantages)
-    from trainer.optim import build_optimizer, build_scheduler
-    from trainer.ppo import policy_logits, token_values
-    from trainer.rollouts import collate_rollouts, generate, load_prompts, score_rollouts
+    from trainer.metrics import read_metrics
+    from trainer.ppo import run_ppo
 
+    out = prompt_path.parent / "ppo"
     config = config_from_dict({"stage": "ppo", "policy": str(model_path), "reward_model": str(model_path),
                                "max_new_tokens": args.new_tokens, "ppo_epochs": args.ppo_epochs,
-                               "data": {"train": str(prompt_path), "batch_size": args.prompts,
+                               "data": {"train": str(prompt_path), "batch_size": args.prompts, "shuffle": False,
                                         "mini_batch_size": args.mini_batch_size, "max_length": 512},
-                               "run": {"output_dir": str(prompt_path.parent / "ppo"), "device": args.device}},
+                               "run": {"output_dir": str(out), "device": args.device, "save_every": 0}},
                               PPOConfig)
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    max_prompt = config.data.max_length - config.max_new_tokens
-    prompts = load_prompts(config.data.train, tokenizer, max_prompt)
-    device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
-    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
-    reference = load_frozen(model_path, device)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-    reward_model.config.pad_token_id = pad_id
-    reward_model = reward_model.to(device).eval().requires_grad_(False)
-    value_model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-    value_model.config.pad_token_id = pad_id
-    value_model = value_model.to(device).eval()
-    models = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})
-    eos = policy.generation_config.eos_token_id if policy.generation_config.eos_token_id is not None \
-        else tokenizer.eos_token_id
-    engine = LocalEngine(policy, tokenizer, tuple(eos) if isinstance(eos, (list, tuple)) else (eos,),
-                         max_batch_size=max(config.data.batch_size, 1), max_queue=len(prompts),
-                         max_input_tokens=max_prompt, max_total_tokens=config.data.max_length)
-    updates = config.ppo_epochs * -(-len(prompts) // config.data.mini_batch_size)
-    optimizer = build_optimizer(models, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, updates)
-    kl_controller = FixedKLController(config.init_kl_coef)
-
-    generate(engine, prompts[:1], 4, config.temperature, config.run.seed, -1)  # warm-up: pages in the weights
-    phases = Phases()
-    seed, step = config.run.seed, 0
-    start = time.perf_counter()
-    with phases.time("rollout"):
-        rollouts = generate(engine, prompts, config.max_new_tokens, config.temperature, seed, step)
-    input_ids, attention_mask, mask = (t.to(device) for t in collate_rollouts(rollouts, pad_id))
-    with torch.no_grad():
-        with phases.time("score"):
-            scores = score_rollouts(reward_model, tokenizer, rollouts, pad_id, device, autocast_dtype,
-                                    config.data.max_length)
-        with phases.time("logprobs"):
-            old_logprobs = next_token_logprobs(
-                policy_logits(policy, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)
-            ref_logprobs = next_token_logprobs(
-                policy_logits(reference, input_ids, attention_mask, config.temperature, autocast_dtype), input_ids)
-            old_values = token_values(value_model, input_ids, attention_mask, autocast_dtype)
-            kl = kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator)
-            rewards = per_token_rewards(scores, kl, mask, kl_controller.value, config.score_clip,
-                                        config.whiten_rewards)
-            advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-            if config.whiten_advantages:
-                advantages = whiten_advantages(advantages, mask)
-    n = len(rollouts)
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    value_params = [p for p in value_model.parameters() if p.requires_grad]
-    max_norm = config.optim.grad_clip if config.optim.grad_clip is not None else float("inf")
-    with phases.time("update"):
-        for epoch in range(config.ppo_epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + epoch))
-            for start_mb in range(0, n, config.data.mini_batch_size):
-                mb = order[start_mb:start_mb + config.data.mini_batch_size].to(device)
-                ids, attn, m = input_ids[mb], attention_mask[mb], mask[mb]
-                logits = policy_logits(policy, ids, attn, config.temperature, autocast_dtype)
-                pl = policy_loss(next_token_logprobs(logits, ids), old_logprobs[mb], advantages[mb], m,
-                                 config.clip_range)
-                vl = value_loss(token_values(value_model, ids, attn, autocast_dtype), old_values[mb], returns[mb], m,
-                                config.value_clip)
-                (pl.loss + config.value_loss_coef * vl.loss).backward()
-                torch.nn.utils.clip_grad_norm_(policy_params, max_norm)
-                torch.nn.utils.clip_grad_norm_(value_params, max_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-    wall = time.perf_counter() - start
-    generated = sum(len(r.response_ids) for r in rollouts)
-    return {"wall": wall, "phases": phases.seconds, "samples": n, "generated": generated,
-            "rollout_tok_s": generated / phases.seconds["rollout"], "updates": updates,
-            "sequence_tokens": int(attention_mask.sum()), "mean_score": scores.mean().item(),
-            "texts": [tokenizer.decode(p.ids) for p in prompts], "max_new_tokens": config.max_new_tokens,
-            "temperature": config.temperature, "lengths": [len(r.response_ids) for r in rollouts]}
+    run_ppo(config)
+    steps = [m for m in read_metrics(out) if "score" in m]
+    last = steps[-1]
+    generated = round(last["response_length"] * args.prompts)
+    return {**last, "steps": steps, "samples": args.prompts, "generated": generated,
+            "rollout_tok_s": generated / last["rollout_s"],
+            "updates": args.ppo_epochs * -(-args.prompts // args.mini_batch_size),
+            "texts": ppo_prompts(prompt_path, model_path, args.prompts, len(steps) - 1),
+            "max_new_tokens": config.max_new_tokens, "temperature": config.temperature}
 
 
 def bench_hf_generate(model_path: Path, texts: list[str], new_tokens: int, temperature: float, device: str) -> dict:
@@ -201,102 +114,81 @@ def bench_hf_generate(model_path: Path, texts: list[str], new_tokens: int, tempe
 
 
 def bench_rm(args, rm_path: Path, model_path: Path) -> dict:
-    """One RM epoch (every group once), phases timed; model and loop as in `run_rm`."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """`run_rm` for `--rm-epochs` epochs; the last epoch's phase seconds (sums of its steps' metrics)."""
+    from transformers import AutoTokenizer
 
     from trainer.config import RMConfig, config_from_dict
-    from trainer.distributed import build_engine
-    from trainer.maths import ranking_loss
-    from trainer.optim import build_optimizer, build_scheduler
-    from trainer.reward import group_rewards, load_rankings
+    from trainer.metrics import read_metrics
+    from trainer.reward import load_rankings, run_rm
 
-    config = config_from_dict({"stage": "rm", "model": str(model_path),
+    out = rm_path.parent / "rm"
+    config = config_from_dict({"stage": "rm", "model": str(model_path), "epochs": args.rm_epochs,
                                "data": {"train": str(rm_path), "batch_size": args.rm_batch_size, "max_length": 512},
-                               "run": {"output_dir": str(rm_path.parent / "rm"), "device": args.device}}, RMConfig)
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = load_rankings(config.data.train, tokenizer, config.data.max_length)
-    device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
-    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = pad_id
-    model = model.to(device).train()
-    batch_size = config.data.batch_size
-    batches = [train[i:i + batch_size] for i in range(0, len(train), batch_size)]
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, len(batches))
-    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip, batch_size=batch_size,
-                          accumulation=1)
-    with torch.no_grad():  # warm-up: pages in the weights
-        group_rewards(model, batches[0][:1], pad_id, device, autocast_dtype)
-    phases = Phases()
-    start = time.perf_counter()
-    for groups in batches:
-        with phases.time("forward"):
-            rewards, mask = group_rewards(model, groups, pad_id, device, autocast_dtype)
-            loss = ranking_loss(rewards, mask)
-        with phases.time("backward"):
-            engine.backward(loss, last=True)
-        with phases.time("optimizer"):
-            engine.step()
-    wall = time.perf_counter() - start
-    return {"wall": wall, "phases": phases.seconds, "groups": len(train),
-            "sequences": sum(len(g.sequences) for g in train), "steps": len(batches),
-            "tokens": sum(len(s) for g in train for s in g.sequences)}
+                               "run": {"output_dir": str(out), "device": args.device, "save_every": 0}}, RMConfig)
+    run_rm(config)
+    steps = [m for m in read_metrics(out) if "loss" in m and m["epoch"] == args.rm_epochs - 1]
+    phases = {k: sum(m[f"{k}_s"] for m in steps) for k in ("forward", "backward", "optimizer", "step")}
+    sequences = [len(s) for g in load_rankings(rm_path, AutoTokenizer.from_pretrained(model_path), 512)
+                 for s in g.sequences]
+    return {"wall": phases.pop("step"), "phases": phases, "groups": args.rm_groups, "steps": len(steps),
+            "sequences": len(sequences), "tokens": sum(sequences)}
 
 
 def render(ppo: dict, hf: dict, rm: dict, args, device: str, model_version: str) -> str:
     def row(name: str, seconds: float, wall: float, samples: int, note: str = "") -> str:
         return f"| {name} | {seconds:.2f} | {seconds / wall:.0%} | {samples / seconds:.2f} | {note} |"
 
-    ph, rp = ppo["phases"], rm["phases"]
+    wall, rp = ppo["step_s"], rm["phases"]
+    earlier = ", ".join(f"{m['step_s']:.2f}" for m in ppo["steps"][:-1])
     lines = [
         f"### `feedloop bench train` — {datetime.date.today().isoformat()}, {device}",
         "",
         f"Command: `{' '.join(['feedloop bench train', *args.argv])}`  ",
         f"Model: {model_version} (torch.float32) as policy, reference, reward and value model (the last two with "
         f"a fresh scalar head), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}. Synthetic data: {ppo['samples']} prompts; {rm['groups']} ranking "
-        f"groups of K = 2..4 ({rm['sequences']} sequences).",
+        f"Python {platform.python_version()}. Synthetic data: {ppo['samples']} prompts per PPO step; "
+        f"{rm['groups']} ranking groups of K = 2..4 ({rm['sequences']} sequences).",
         "",
-        f"**One PPO step**: {ppo['samples']} rollouts (≤ {ppo['max_new_tokens']} new tokens, temperature "
-        f"{ppo['temperature']:g}; {ppo['generated']} generated), {args.ppo_epochs} PPO epochs × mini-batches of "
-        f"{args.mini_batch_size} = {ppo['updates']} optimizer steps. Wall {ppo['wall']:.2f} s, "
-        f"{ppo['samples'] / ppo['wall']:.2f} samples/s.",
+        f"**One PPO step** (`run_ppo`, step {len(ppo['steps'])} of {len(ppo['steps'])}"
+        + (f"; the earlier took {earlier} s" if earlier else "") + f"): {ppo['samples']} rollouts "
+        f"(≤ {ppo['max_new_tokens']} new tokens, temperature {ppo['temperature']:g}; {ppo['generated']} generated), "
+        f"{args.ppo_epochs} PPO epochs × mini-batches of {args.mini_batch_size} = {ppo['updates']} optimizer "
+        f"steps for the policy and for the value model. Wall {wall:.2f} s, {ppo['samples'] / wall:.2f} samples/s.",
         "",
         "| phase | seconds | share | samples/s | |",
         "|---|---:|---:|---:|---|",
-        row("rollout (engine)", ph["rollout"], ppo["wall"], ppo["samples"], f"{ppo['rollout_tok_s']:.1f} tok/s"),
-        row("score (reward model)", ph["score"], ppo["wall"], ppo["samples"]),
-        row("old + ref log-probs, values, GAE", ph["logprobs"], ppo["wall"], ppo["samples"]),
-        row("update (policy + value)", ph["update"], ppo["wall"], ppo["samples"] * args.ppo_epochs,
+        row("rollout (engine)", ppo["rollout_s"], wall, ppo["samples"], f"{ppo['rollout_tok_s']:.1f} tok/s"),
+        row("score (reward model)", ppo["score_s"], wall, ppo["samples"]),
+        row("old + reference log-probs, values", ppo["logprobs_s"], wall, ppo["samples"]),
+        row("KL, rewards, GAE", ppo["advantages_s"], wall, ppo["samples"]),
+        row("update (policy + value)", ppo["update_s"], wall, ppo["samples"] * args.ppo_epochs,
             f"{ppo['updates']} optimizer steps; samples/s counts each epoch's pass"),
-        row("**total**", ppo["wall"], ppo["wall"], ppo["samples"]),
+        row("**step**", wall, wall, ppo["samples"]),
         "",
         f"Rollout generation on the same {ppo['samples']} prompts in this run: engine (trainer/rollouts.py "
         f"`generate`, continuous batching) **{ppo['rollout_tok_s']:.1f} tok/s** ({ppo['generated']} tokens in "
-        f"{ph['rollout']:.2f} s) vs HF `generate` **{hf['tok_s']:.1f} tok/s** ({hf['generated']} tokens in "
+        f"{ppo['rollout_s']:.2f} s) vs HF `generate` **{hf['tok_s']:.1f} tok/s** ({hf['generated']} tokens in "
         f"{hf['wall']:.2f} s): {ppo['rollout_tok_s'] / hf['tok_s']:.2f}×. HF baseline: one static left-padded "
         f"batch on a separate copy of the model, same max_new_tokens, sampling at temperature 1 (top-k/top-p off); "
         "rows stop at eos in both, so the samples and their lengths differ and tokens count up to eos "
-        f"(tokens per row: engine {ppo['lengths']}, HF {hf['lengths']}). HF's wall runs until its longest row "
-        "is done; the engine's, until its last request is.",
+        f"(mean tokens per row: engine {ppo['response_length']:.1f}, HF {hf['generated'] / len(hf['lengths']):.1f}). "
+        "HF's wall runs until its longest row is done; the engine's, until its last request is.",
         "",
-        f"**One RM epoch**: {rm['groups']} groups in {rm['steps']} optimizer steps of {args.rm_batch_size} groups "
-        f"({rm['tokens']} tokens). Wall {rm['wall']:.2f} s, {rm['groups'] / rm['wall']:.2f} groups/s, "
-        f"{rm['tokens'] / rm['wall']:.0f} tokens/s.",
+        f"**One RM epoch** (`run_rm`, epoch {args.rm_epochs} of {args.rm_epochs}): {rm['groups']} groups in "
+        f"{rm['steps']} optimizer steps of {args.rm_batch_size} groups ({rm['tokens']} tokens). Wall "
+        f"{rm['wall']:.2f} s, {rm['groups'] / rm['wall']:.2f} groups/s, {rm['tokens'] / rm['wall']:.0f} tokens/s.",
         "",
         "| phase | seconds | share | groups/s | |",
         "|---|---:|---:|---:|---|",
         row("forward (all K of each group) + ranking loss", rp["forward"], rm["wall"], rm["groups"]),
         row("backward", rp["backward"], rm["wall"], rm["groups"]),
         row("optimizer (clip, AdamW, schedule)", rp["optimizer"], rm["wall"], rm["groups"]),
-        row("**total**", rm["wall"], rm["wall"], rm["groups"]),
+        row("**epoch**", rm["wall"], rm["wall"], rm["groups"]),
         "",
-        "Phases replicate `ppo_step` and `run_rm`'s loop with the same trainer functions in the same order "
-        "(bench/train.py); after one warm-up pass each. Checkpointing, evaluation and RM centring are not timed.",
+        "Seconds are the stages' own phase timings (`<phase>_s` and `step_s` in metrics.jsonl: `ppo_step` "
+        "and `run_rm`'s loop); the step/epoch total also holds what falls between phases (collation, metrics). "
+        "The last PPO step and RM epoch are reported, the earlier ones warm up. Loading, evaluation, RM "
+        "centring and checkpoint writing are not timed.",
         "",
     ]
     return "\n".join(lines)
@@ -309,12 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="feedloop bench train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (default: the bundled SmolLM2)")
-    p.add_argument("--prompts", type=int, default=16, help="rollouts in the PPO step")
+    p.add_argument("--prompts", type=int, default=16, help="rollouts per PPO step")
+    p.add_argument("--ppo-steps", type=int, default=2, help="PPO steps run (the last is reported)")
     p.add_argument("--new-tokens", type=int, default=32, help="max_new_tokens of the rollouts")
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--mini-batch-size", type=int, default=8)
     p.add_argument("--rm-groups", type=int, default=16)
     p.add_argument("--rm-batch-size", type=int, default=4, help="groups per RM optimizer step")
+    p.add_argument("--rm-epochs", type=int, default=2, help="RM epochs run (the last is reported)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="docs/benchmarks.md")
     p.add_argument("--no-write", action="store_true")
@@ -322,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     model_path = Path(args.model) if args.model else on_fresh_thread(ensure_bundled_model, data_dir_from_env())
     with tempfile.TemporaryDirectory(prefix="feedloop-bench-train-") as tmp:
-        prompt_path, rm_path = write_data(Path(tmp), args.prompts, args.rm_groups)
+        prompt_path, rm_path = write_data(Path(tmp), args.prompts * args.ppo_steps, args.rm_groups)
         ppo = on_fresh_thread(bench_ppo, args, prompt_path, model_path)
-        print(f"ppo step: {ppo['wall']:.2f}s {ppo['phases']}, engine {ppo['rollout_tok_s']:.1f} tok/s", flush=True)
+        print(f"ppo steps: {[{k: v for k, v in m.items() if k.endswith('_s')} for m in ppo['steps']]}, "
+              f"engine {ppo['rollout_tok_s']:.1f} tok/s", flush=True)
         hf = on_fresh_thread(bench_hf_generate, model_path, ppo["texts"], ppo["max_new_tokens"], ppo["temperature"],
                              args.device)
-        print(f"hf generate: {hf['tok_s']:.1f} tok/s; lengths engine {ppo['lengths']} hf {hf['lengths']}", flush=True)
+        print(f"hf generate: {hf['tok_s']:.1f} tok/s; lengths hf {hf['lengths']}", flush=True)
         rm = on_fresh_thread(bench_rm, args, rm_path, model_path)
         print(f"rm epoch: {rm['wall']:.2f}s {rm['phases']}", flush=True)
     dev, _ = resolve_device(args.device, "auto")
