@@ -105,13 +105,11 @@ def evaluate_rollouts(engine, policy, reference, reward_model, tokenizer, prompt
     return {"score": scores.mean().item(), "kl": kl.mean().item()}
 
 
-# The phases of a PPO step, timed into its metrics as `<phase>_s` (bench/train.py reports them).
-PHASES = ("rollout", "score", "logprobs", "advantages", "update")
-
-
 def ppo_step(step: int, prompts, *, engine, engines: EngineGroup, reference, reward_model, kl_controller, ptx,
              tokenizer, config: PPOConfig, pad_id: int, device, autocast_dtype) -> dict[str, float]:
-    """One PPO step on a rollout batch of `prompts`; returns the step's metrics (PHASES' seconds included).
+    """One PPO step on a rollout batch of `prompts`; returns the step's metrics, with the wall seconds of
+    its phases (`rollout_s`, `score_s`, `logprobs_s`, `advantages_s`, `update_s`, `step_s`: bench/train.py
+    reports them).
 
     engine: the serving engine around the policy; engines: the policy's and the value model's training
     engines (`engines["policy"].module` is the very policy object the serving engine generates with).
