@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_up_command(sub)
 
+    from serving.worker import add_worker_command
+
+    add_worker_command(sub)
+
     from serving.models_cli import add_models_commands
 
     add_data_commands(sub)

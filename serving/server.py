@@ -74,6 +74,10 @@ def open_recording(settings: ServingSettings):
 
 def build_services(settings: ServingSettings, publisher=None, completion_lookup=None) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.upstreams:  # FEEDLOOP_UPSTREAMS: generation and scoring go to upstream pools
+        from serving.upstreams.gateway import build_upstream_services
+
+        return build_upstream_services(settings, publisher, completion_lookup)
     policy = load_policy(resolve_policy_path(settings), settings.device, settings.dtype)
     reward = load_reward(Path(settings.reward_model) if settings.reward_model else None, policy,
                          settings.device, settings.dtype)
@@ -123,7 +127,9 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     await services.start()
     grpc_server = None
     try:
-        if store is not None:  # registers what was loaded, applies the registry's choice before traffic
+        # registers what was loaded, applies the registry's choice before traffic (not with upstreams:
+        # they load their own models; serving/upstreams drives their reloads)
+        if store is not None and not settings.upstreams:
             await start_deployments(services, store)
         if settings.grpc_port is not None:
             grpc_server = await start_grpc_server(services, settings.host, settings.grpc_port)

@@ -44,6 +44,10 @@ class ServingSettings(BaseSettings):
                                        "failed share of a window exceeds this is rolled back.")
     admin_token: str | None = Field(None, description="When set, /v1/admin/* require "
                                     "`Authorization: Bearer <token>`; None: the admin routes are open.")
+    # Upstreams (serving/upstreams/): generation and scoring on other servers instead of in-process.
+    upstreams: str | None = Field(None, description="JSON (or @file.json) naming the policy/reward "
+                                  "upstreams (serving/upstreams/config.py); None: the models run in-process.")
+    worker_role: str = Field("policy", description="`feedloop worker`: policy | reward.")
 
 
 def bus_url(settings: "ServingSettings") -> str:

@@ -1,0 +1,116 @@
+"""`FEEDLOOP_UPSTREAMS`: which inference servers the gateway sends generations and scores to.
+
+JSON (the env var's value, or `@/path/to/file.json` to read it from a file):
+
+    {
+      "policy": [
+        {"url": "http://policy-0:8080", "kind": "feedloop"},
+        {"url": "http://tgi:80", "kind": "tgi", "model_version": "smollm2-v3"},
+        {"url": "http://vllm:8000", "kind": "openai", "model": "smollm2", "api_key": "…"}
+      ],
+      "reward": [{"url": "http://reward-0:8080"}],
+      "tokenizer": "/models/smollm2",
+      "routing": {"serving": "v1", "canary": "v2", "canary_percent": 10},
+      "options": {"request_timeout": 300, "connect_timeout": 3, "read_timeout": 60,
+                  "health_interval": 2, "health_timeout": 2, "max_attempts": 3,
+                  "breaker_failures": 3, "breaker_cooldown": 5}
+    }
+
+- `kind`: `feedloop` (a `feedloop worker`; spoken to over its TGI routes) | `tgi` | `openai` (vLLM,
+  SGLang: `/v1/completions`). Default `feedloop`.
+- `model_version`: the version an upstream serves when its answers do not say (`X-Model-Version`,
+  which feedloop workers send; TGI and vLLM do not). Also what explicit-version requests and
+  `routing` match on; feedloop workers report it on `/health` too.
+- `model`: the model name OpenAI-compatible servers expect (default: the first of `/v1/models`).
+- `tokenizer`: the directory (or hub id) whose tokenizer renders chats and counts tokens at the
+  gateway; default `--model`, else the bundled SmolLM2's.
+- `routing`: optional split between versions (canary); without it any healthy upstream serves.
+- `reward`: `/v1/score` upstreams (feedloop workers `--role reward`). Without it, the gateway has no
+  reward model: `/v1/score` answers 503.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serving.engine.types import Routing
+
+_FORBID = ConfigDict(extra="forbid")
+
+
+class UpstreamSpec(BaseModel):
+    model_config = _FORBID
+
+    url: str = Field(description="Base URL, e.g. http://policy-0:8080")
+    kind: Literal["feedloop", "tgi", "openai"] = "feedloop"
+    model_version: str | None = None
+    model: str | None = Field(None, description="Model name for OpenAI-compatible servers.")
+    api_key: str | None = Field(None, description="Bearer token for OpenAI-compatible servers.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"upstream url must start with http:// or https://; got {v!r}")
+        return v.rstrip("/")
+
+
+class PoolOptions(BaseModel):
+    model_config = _FORBID
+
+    request_timeout: float = Field(300.0, gt=0, description="Whole request, first byte to last token.")
+    connect_timeout: float = Field(3.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0, description="Longest wait for the next token.")
+    health_interval: float = Field(2.0, gt=0, description="Seconds between GET /health of each upstream.")
+    health_timeout: float = Field(2.0, gt=0)
+    max_attempts: int = Field(3, ge=1, description="Upstreams tried per request (retries only before a token).")
+    breaker_failures: int = Field(3, ge=1, description="Consecutive failures that open an upstream's breaker.")
+    breaker_cooldown: float = Field(5.0, gt=0, description="Seconds an open breaker waits before a trial request.")
+
+
+class RoutingSpec(BaseModel):
+    model_config = _FORBID
+
+    serving: str
+    canary: str | None = None
+    canary_percent: float = 0.0
+
+    def to_routing(self) -> Routing:
+        return Routing(self.serving, self.canary, self.canary_percent)
+
+
+class UpstreamsConfig(BaseModel):
+    model_config = _FORBID
+
+    policy: list[UpstreamSpec] = Field(min_length=1)
+    reward: list[UpstreamSpec] = Field(default_factory=list)
+    tokenizer: str | None = None
+    routing: RoutingSpec | None = None
+    options: PoolOptions = Field(default_factory=PoolOptions)
+
+    @field_validator("reward")
+    @classmethod
+    def _reward_kind(cls, v: list[UpstreamSpec]) -> list[UpstreamSpec]:
+        for spec in v:
+            if spec.kind != "feedloop":
+                raise ValueError(f"reward upstreams must be feedloop workers (kind feedloop); "
+                                 f"{spec.url} is {spec.kind}")
+        return v
+
+
+def parse_upstreams(value: str) -> UpstreamsConfig:
+    """The config from FEEDLOOP_UPSTREAMS: JSON, or `@path` of a JSON file. ValueError when invalid."""
+    text = value.strip()
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"FEEDLOOP_UPSTREAMS is not valid JSON: {exc}") from exc
+    try:
+        return UpstreamsConfig.model_validate(data)
+    except Exception as exc:  # pydantic's message names the field
+        raise ValueError(f"FEEDLOOP_UPSTREAMS is invalid: {exc}") from exc

@@ -1,0 +1,436 @@
+"""`UpstreamPool`: several upstreams behind the EngineClient interface.
+
+- **Health.** Every `health_interval` seconds each upstream's `GET /health` is read (feedloop workers
+  also report their `model_version` there); one that fails leaves rotation until it answers 200.
+- **Balancing.** Least outstanding requests among the upstreams in rotation (ties: round robin).
+- **Versions.** Each upstream serves one version (what it reports, else its configured one). A
+  request naming a version goes to upstreams of that version; otherwise `routing` (serving + canary
+  share, like the local engine's) draws one, and without routing any upstream serves.
+- **Retries, only when safe.** Connection refused, 503 and 429 *before any token was streamed* move
+  the request to another upstream (at most `max_attempts` upstreams); after the first token nothing
+  is retried: the caller has already seen part of one answer.
+- **Timeouts.** `request_timeout` for the whole request; the transports add connect and per-token
+  read timeouts.
+- **Circuit breaker** per upstream (serving/upstreams/base.py): `breaker_failures` consecutive
+  failures open it; after `breaker_cooldown` one trial request decides.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import httpx
+
+from serving.engine.client import EngineClient
+from serving.engine.types import EngineInfo, Routing, SamplingParams, StepOutput
+from serving.errors import EngineUnavailable, UnknownModelVersion
+from serving.upstreams.base import (CircuitBreaker, Upstream, UpstreamTimeout, is_retryable,
+                                    is_upstream_fault)
+from serving.upstreams.config import PoolOptions, UpstreamSpec
+
+log = logging.getLogger(__name__)
+
+
+class Member:
+    """One upstream in a pool: its breaker, health and live counts."""
+
+    def __init__(self, upstream: Upstream, options: PoolOptions) -> None:
+        self.upstream = upstream
+        self.breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown)
+        self.healthy = True  # until the first check says otherwise (start() checks before serving)
+        self.health_error: str | None = None
+        self.outstanding = 0
+        self.waiting = 0  # outstanding requests that have not had their first token yet
+        self.outcomes: Counter = Counter()  # ok | error | cancelled | refused | retried
+
+    @property
+    def url(self) -> str:
+        return self.upstream.url
+
+    @property
+    def version(self) -> str | None:
+        return self.upstream.model_version
+
+    def in_rotation(self) -> bool:
+        return self.healthy and self.breaker.available()
+
+    def as_dict(self) -> dict:
+        return {"url": self.url, "kind": self.upstream.kind, "model_version": self.version,
+                "healthy": self.healthy, "health_error": self.health_error, "breaker": self.breaker.state,
+                "breaker_opened": self.breaker.opened_total, "outstanding": self.outstanding,
+                "outcomes": dict(self.outcomes)}
+
+
+def make_upstream(spec: UpstreamSpec, options: PoolOptions) -> Upstream:
+    timeouts = {"connect_timeout": options.connect_timeout, "read_timeout": options.read_timeout}
+    if spec.kind == "openai":
+        from serving.upstreams.openai_upstream import OpenAIUpstream
+
+        return OpenAIUpstream(spec.url, spec.model_version, model=spec.model, api_key=spec.api_key, **timeouts)
+    from serving.upstreams.tgi import TGIUpstream
+
+    up = TGIUpstream(spec.url, spec.model_version, **timeouts)
+    up.kind = spec.kind  # "feedloop" workers speak TGI's routes
+    return up
+
+
+class Balancer:
+    """Members, health checks and the choice of a member; shared by the policy and reward pools."""
+
+    def __init__(self, members: list[Member], options: PoolOptions, name: str) -> None:
+        if not members:
+            raise ValueError("a pool needs at least one upstream")
+        self.members = members
+        self.options = options
+        self.name = name
+        self._rr = itertools.count()
+        self._http: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task | None = None
+        self.retries = 0
+        self.on_health: list = []  # callbacks(member, body) after each successful check
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.options.health_timeout))
+        return self._http
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._health_task = asyncio.create_task(self._health_loop(), name=f"feedloop-{self.name}-health")
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.health_interval)
+            try:
+                await self.check_all()
+            except Exception:  # pragma: no cover - a check must never end the loop
+                log.exception("upstream health round failed")
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(m) for m in self.members))
+
+    async def check(self, m: Member) -> None:
+        try:
+            r = await self.http.get(f"{m.url}/health")
+            ok = r.status_code == 200
+            error = None if ok else f"/health answered {r.status_code}"
+            body = _json(r) if ok else None
+        except httpx.HTTPError as exc:
+            ok, error, body = False, f"{type(exc).__name__}: {exc}", None
+        if ok and isinstance(body, dict) and isinstance(body.get("model_version"), str):
+            m.upstream.reported_version = body["model_version"]
+        if ok != m.healthy:
+            log.warning("upstream %s", "back in rotation" if ok else "left rotation (health check failed)",
+                        extra={"fl_upstream": m.url, "fl_pool": self.name, "fl_error": error})
+        m.healthy, m.health_error = ok, error
+        if ok:
+            for callback in self.on_health:
+                callback(m, body)
+
+    def candidates(self, version: str | None, exclude: set[int]) -> list[Member]:
+        return [m for i, m in enumerate(self.members)
+                if i not in exclude and m.in_rotation() and (version is None or m.version == version)]
+
+    def pick(self, version: str | None, exclude: set[int]) -> Member | None:
+        """Least outstanding requests; ties in round-robin order."""
+        found = self.candidates(version, exclude)
+        if not found:
+            return None
+        least = min(m.outstanding for m in found)
+        tied = [m for m in found if m.outstanding == least]
+        return tied[next(self._rr) % len(tied)]
+
+    def index(self, m: Member) -> int:
+        return self.members.index(m)
+
+    def versions_known(self) -> set[str]:
+        return {m.version for m in self.members if m.version}
+
+    def unavailable_message(self, version: str | None, tried: list[str], last: BaseException | None) -> str:
+        which = f" serving {version}" if version else ""
+        states = ", ".join(f"{m.url} ({'unhealthy' if not m.healthy else m.breaker.state})"
+                           for m in self.members if version is None or m.version == version)
+        msg = f"no {self.name} upstream{which} can take the request (upstreams: {states or 'none'})"
+        if tried:
+            msg += f"; tried {', '.join(tried)}"
+        if last is not None:
+            msg += f"; last error: {last}"
+        return msg
+
+
+def _json(r: httpx.Response):
+    try:
+        return r.json()
+    except ValueError:
+        return None
+
+
+class UpstreamPool(EngineClient):
+    """A policy served by upstream inference servers (see the module docstring).
+
+    `tokenizer` renders chats and counts tokens at the gateway (upstreams take text prompts)."""
+
+    def __init__(self, upstreams: list[Upstream], tokenizer, *, options: PoolOptions | None = None,
+                 routing: Routing | None = None, max_input_tokens: int = 2048, max_total_tokens: int = 4096,
+                 model_id: str = "upstreams") -> None:
+        self.options = options or PoolOptions()
+        self.balancer = Balancer([Member(u, self.options) for u in upstreams], self.options, "policy")
+        self.tokenizer = tokenizer
+        self._routing = routing
+        self.max_input_tokens = max_input_tokens
+        self.max_total_tokens = max_total_tokens
+        self.model_id = model_id
+        self._random = random.Random()
+        self._started = False
+
+    @classmethod
+    def from_specs(cls, specs: list[UpstreamSpec], tokenizer, options: PoolOptions | None = None,
+                   **kwargs) -> "UpstreamPool":
+        options = options or PoolOptions()
+        return cls([make_upstream(s, options) for s in specs], tokenizer, options=options, **kwargs)
+
+    @property
+    def members(self) -> list[Member]:
+        return self.balancer.members
+
+    # -- versions and routing ---------------------------------------------------------------------
+    @property
+    def routing(self) -> Routing | None:
+        return self._routing
+
+    def set_routing(self, routing: Routing | None) -> None:
+        """Where new requests go (None: any upstream). KeyError if a version has no upstream."""
+        if routing is not None:
+            missing = [v for v in routing.versions if v not in self.balancer.versions_known()]
+            if missing:
+                raise KeyError(f"no upstream serves {', '.join(missing)}")
+        self._routing = routing
+
+    @property
+    def model_version(self) -> str:
+        if self._routing is not None:
+            return self._routing.serving
+        healthy = Counter(m.version for m in self.members if m.version and m.healthy)
+        every = Counter(m.version for m in self.members if m.version)
+        common = (healthy or every).most_common(1)
+        return common[0][0] if common else "unknown"
+
+    def versions(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for m in self.members:
+            v = out.setdefault(m.version or "unknown", {"upstreams": 0, "in_rotation": 0, "running": 0,
+                                                        "waiting": 0, "share": 0.0})
+            v["upstreams"] += 1
+            v["in_rotation"] += int(m.in_rotation())
+            v["running"] += m.outstanding - m.waiting
+            v["waiting"] += m.waiting
+        for version, v in out.items():
+            v["share"] = self._routing.share(version) if self._routing is not None else None
+        return out
+
+    # -- EngineClient -----------------------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.model_id, self.model_version, "unknown", "upstream", self.max_input_tokens,
+                          self.max_total_tokens, max_batch_size=0, max_queue=0,
+                          extra={"routing": self._routing.as_dict() if self._routing else None,
+                                 "versions": self.versions(), "upstreams": [m.as_dict() for m in self.members]})
+
+    def render_chat(self, messages: list[dict]) -> str:
+        tok = self.tokenizer
+        if not getattr(tok, "chat_template", None):
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def stats(self) -> dict:
+        waiting = sum(m.waiting for m in self.members)
+        running = sum(m.outstanding for m in self.members) - waiting
+        return {"queue_size": waiting, "batch_size": running, "retries": self.balancer.retries,
+                "upstreams": [m.as_dict() for m in self.members]}
+
+    def check_health(self) -> None:
+        if not self._started:
+            raise EngineUnavailable("the upstream pool is not started")
+        if not any(m.in_rotation() for m in self.members):
+            raise EngineUnavailable(self.balancer.unavailable_message(None, [], None))
+
+    async def start(self) -> None:
+        await self.balancer.start()
+        self._started = True
+        log.info("upstream pool started", extra={"fl_upstreams": [m.as_dict() for m in self.members]})
+
+    async def stop(self) -> None:
+        self._started = False
+        await self.balancer.stop()
+        await asyncio.gather(*(m.upstream.aclose() for m in self.members), return_exceptions=True)
+
+    def _version_for(self, model_version: str | None) -> str | None:
+        if model_version is not None:
+            if model_version not in self.balancer.versions_known():
+                raise UnknownModelVersion(f"no upstream serves model version {model_version!r} "
+                                          f"(served: {', '.join(sorted(self.balancer.versions_known())) or 'none'})")
+            return model_version
+        if self._routing is None:
+            return None
+        drawn = self._routing.pick(self._random.random())
+        if drawn != self._routing.serving and not self.balancer.candidates(drawn, set()):
+            return self._routing.serving  # the canary's upstreams are all out: serve it the usual way
+        return drawn
+
+    async def generate(self, prompt: str, params: SamplingParams, request_id: str,
+                       model_version: str | None = None) -> AsyncIterator[StepOutput]:
+        version = self._version_for(model_version)
+        deadline = time.monotonic() + self.options.request_timeout
+        tried: set[int] = set()
+        tried_urls: list[str] = []
+        last_error: BaseException | None = None
+        while len(tried) < self.options.max_attempts:
+            m = self.balancer.pick(version, tried)
+            if m is None:
+                break
+            tried.add(self.balancer.index(m))
+            tried_urls.append(m.url)
+            m.breaker.acquire()
+            m.outstanding += 1
+            m.waiting += 1
+            first = True
+            outcome = "cancelled"
+            stream = m.upstream.generate(prompt, params, request_id)
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            out = await stream.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise UpstreamTimeout(f"upstream {m.url} did not finish within "
+                                              f"{self.options.request_timeout:g} s") from None
+                    if first:
+                        first = False
+                        m.waiting -= 1
+                    if out.model_version is None:
+                        out.model_version = m.version or self.model_version
+                    if out.finish_reason is not None and not out.prompt_tokens:
+                        out.prompt_tokens = self.count_tokens(prompt)  # the upstream did not say
+                    yield out
+                    if out.finish_reason is not None:
+                        break
+                outcome = "ok"
+                m.breaker.success()
+                return
+            except GeneratorExit:
+                raise
+            except Exception as exc:
+                if is_upstream_fault(exc):
+                    m.breaker.failure()
+                else:
+                    m.breaker.release()
+                if first and is_retryable(exc):
+                    outcome = "retried"
+                    last_error = exc
+                    self.balancer.retries += 1
+                    log.info("upstream refused a request; trying another",
+                             extra={"fl_upstream": m.url, "fl_error": str(exc), "fl_request_id": request_id})
+                    continue
+                outcome = "error" if is_upstream_fault(exc) else "refused"
+                if first and not hasattr(exc, "model_version") and m.version:
+                    exc.model_version = m.version  # GenerationService counts the failure under it
+                raise
+            finally:
+                if outcome == "cancelled":
+                    m.breaker.release()
+                m.outcomes[outcome] += 1
+                m.outstanding -= 1
+                if first:
+                    m.waiting -= 1
+                await stream.aclose()
+        if last_error is not None:  # 429 everywhere stays an overload (the client retries later); else 503
+            raise type(last_error)(self.balancer.unavailable_message(version, tried_urls, last_error))
+        raise EngineUnavailable(self.balancer.unavailable_message(version, tried_urls, last_error))
+
+    # -- fleet hot-swap (feedloop workers) --------------------------------------------------------
+    async def rollout(self, model: str, version: str | None = None, checksums: dict | None = None,
+                      admin_token: str | None = None, timeout: float = 600.0) -> list[dict]:
+        """Move every feedloop worker of the pool to the checkpoint `model`, one worker at a time,
+        through its `POST /v1/admin/reload`: each worker loads and verifies it beside the running
+        version and switches new requests to it, while requests already running finish on the old
+        weights — no request fails. A pool `routing` is lifted during the rollout (requests go to
+        any worker) and set to the new version at the end. A refusal (409: checksums, load,
+        tokenizer) stops the rollout and is raised as RuntimeError; workers already moved stay moved.
+        TGI and OpenAI upstreams cannot reload: roll those out blue/green (new pool, then routing)."""
+        import httpx
+
+        had_routing = self._routing is not None
+        self._routing = None
+        body = {"model": model, "version": version, "checksums": checksums}
+        headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        done: list[dict] = []
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            for m in self.members:
+                if m.upstream.kind != "feedloop":
+                    continue
+                r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
+                if r.status_code != 200:
+                    raise RuntimeError(f"rollout stopped: {m.url} refused {model}: {r.status_code} {r.text}")
+                answer = r.json()
+                m.upstream.reported_version = answer["model_version"]
+                done.append({"url": m.url, **answer})
+                log.info("upstream reloaded", extra={"fl_upstream": m.url, "fl_model_version": answer["model_version"]})
+        if had_routing and done:
+            self._routing = Routing(done[-1]["model_version"])
+        return done
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def register_metrics(self, registry) -> None:
+        """Per-upstream gauges and counters on the gateway's /metrics."""
+        registry.register(_PoolCollector(self.balancer))
+
+
+class _PoolCollector:
+    def __init__(self, balancer: Balancer) -> None:
+        self.balancer = balancer
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        pool = self.balancer.name
+        up = GaugeMetricFamily("feedloop_upstream_healthy", "1 while the upstream passes its health check",
+                               labels=["pool", "upstream"])
+        breaker = GaugeMetricFamily("feedloop_upstream_breaker_open", "1 while the upstream's circuit breaker "
+                                    "is open or half-open", labels=["pool", "upstream"])
+        outstanding = GaugeMetricFamily("feedloop_upstream_outstanding", "Requests in flight to the upstream",
+                                        labels=["pool", "upstream"])
+        requests = CounterMetricFamily("feedloop_upstream_requests", "Requests sent to the upstream by outcome "
+                                       "(ok, error, refused, retried, cancelled)",
+                                       labels=["pool", "upstream", "outcome"])
+        retries = CounterMetricFamily("feedloop_upstream_retries", "Requests moved to another upstream before "
+                                      "their first token", labels=["pool"])
+        for m in self.balancer.members:
+            up.add_metric([pool, m.url], float(m.healthy))
+            breaker.add_metric([pool, m.url], float(m.breaker.state != CircuitBreaker.CLOSED))
+            outstanding.add_metric([pool, m.url], float(m.outstanding))
+            for outcome, n in m.outcomes.items():
+                requests.add_metric([pool, m.url, outcome], float(n))
+        retries.add_metric([pool], float(self.balancer.retries))
+        yield from (up, breaker, outstanding, requests, retries)
