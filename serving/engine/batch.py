@@ -66,9 +66,12 @@ class Lane:
         self.retiring = False
 
     def clear(self) -> None:
-        """Forget every running request and the cache (after a failed step)."""
+        """Forget every running request and free the KV cache (after this lane's prefill or decode
+        failed, or every lane's; the engine fails the requests). The lane stays usable: the next
+        prefill starts a fresh batch."""
         self.running.clear()
         self._cache = None
+        self._last_tokens = self._positions = None
 
     def prefill(self, reqs: list[Request]) -> list[tuple[Request, StepOutput]]:
         """Prefill newcomers in one forward (left-padded when there are several) and choose each

@@ -12,6 +12,11 @@ Each loop iteration (one "step"):
 Before all that, lanes the routing no longer names are dropped once nothing runs or waits on them.
 Requests therefore join and leave the batch between decode steps. A request's lane (model version)
 is fixed at submit: the routing decides it then, and later routing changes apply to new requests.
+
+Failures are isolated per lane: when a lane's prefill or decode raises (a broken candidate, an OOM),
+that lane's running requests and the newcomers being prefilled into it fail with `LaneFailed` (a
+GenerationError that names the version) and its KV cache is freed; the other lanes go on as if
+nothing happened. Only a failure outside the lanes' forwards (a bug in the loop) fails everyone.
 """
 from __future__ import annotations
 
@@ -28,9 +33,20 @@ from serving.engine.batch import Lane, Request
 from serving.engine.types import Routing, StepOutput
 from serving.errors import EngineUnavailable, GenerationError, Overloaded, PromptTooLong, UnknownModelVersion
 
-__all__ = ["LocalEngine", "Request"]
+__all__ = ["LaneFailed", "LocalEngine", "Request"]
 
 log = logging.getLogger(__name__)
+
+
+class LaneFailed(GenerationError):
+    """A request failed while running on `model_version` (its lane's prefill or decode raised).
+
+    Raised to the request's caller in place of its next output; `model_version` is the version the
+    request was routed to, known even when the failure comes before its first token."""
+
+    def __init__(self, message: str, model_version: str | None) -> None:
+        super().__init__(message)
+        self.model_version = model_version
 
 
 class LocalEngine:
@@ -202,12 +218,15 @@ class LocalEngine:
                     break
             try:
                 self.step()
-            except Exception as exc:  # a bug or an OOM: fail the requests, keep serving the rest
+            except Exception as exc:  # a bug outside the lanes' forwards: fail everyone, keep serving
                 log.exception("engine step failed")
-                self._fail_all(GenerationError(f"generation failed: {type(exc).__name__}: {exc}"))
-        self._fail_all(EngineUnavailable("engine stopped"))
+                message = f"generation failed: {type(exc).__name__}: {exc}"
+                self._fail_all(lambda version: LaneFailed(message, version))
+        self._fail_all(lambda version: EngineUnavailable("engine stopped"))
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_all(self, error: Callable[[str | None], BaseException]) -> None:
+        """Fail every job and every running or waiting request of every lane, each with its own
+        exception (`error(model_version)`; one exception object must not be raised in many tasks)."""
         with self._cv:
             lanes = list(self._lanes.values())
             doomed = [r for lane in lanes for r in lane.running] + list(self._waiting)
@@ -216,13 +235,31 @@ class LocalEngine:
             self._jobs.clear()
         for _, future in jobs:
             if future.set_running_or_notify_cancel():
-                future.set_exception(exc)
+                future.set_exception(error(None))
         for lane in lanes:
             lane.clear()
         for req in doomed:
             if not req.finished:
                 req.finished = True
-                req.emit(exc)
+                req.emit(error(req.model_version))
+
+    def _fail_lane(self, lane: Lane, exc: Exception, phase: str,
+                   newcomers: list[Request] | tuple[()] = ()) -> None:
+        """`lane`'s prefill or decode raised: fail its running requests and `newcomers` (the ones
+        being prefilled into it), free its KV cache, and leave every other lane alone. Its waiting
+        requests stay queued (each gets its own try; a lane that keeps failing is for the deployment
+        watcher to roll back). None of these requests' outputs from the failed call went out: outputs
+        are emitted only after a lane's call returns."""
+        version = lane.model_version
+        doomed = list(dict.fromkeys([*lane.running, *newcomers]))  # running may hold some newcomers
+        lane.clear()
+        log.error("model version %s failed its %s: %s: %s (%d requests failed; other versions unaffected)",
+                  version, phase, type(exc).__name__, exc, len(doomed), exc_info=exc,
+                  extra={"fl_model_version": version})
+        message = f"generation failed on model version {version}: {type(exc).__name__}: {exc}"
+        for req in doomed:
+            req.finished = True
+            req.emit(LaneFailed(message, version))
 
     # -- the loop body ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -258,13 +295,25 @@ class LocalEngine:
                 budget -= len(req.prompt_ids)
                 newcomers.setdefault(self._lanes[req.model_version], []).append(req)
                 admitted += 1
-        # their first tokens go out before the decode step, for a short TTFT
+        # their first tokens go out before the decode step, for a short TTFT. A lane that raises
+        # fails its own requests only (failure isolation between versions: a broken candidate
+        # must not fail the serving version's requests).
         for lane, reqs in newcomers.items():
-            self._emit(lane.prefill(reqs))
+            try:
+                results = lane.prefill(reqs)
+            except Exception as exc:
+                self._fail_lane(lane, exc, "prefill", reqs)
+                continue
+            self._emit(results)
         # 3-4. one decode step per lane for everyone running (newcomers included)
         for lane in lanes:
             if lane.running:
-                self._emit(lane.decode())
+                try:
+                    results = lane.decode()
+                except Exception as exc:
+                    self._fail_lane(lane, exc, "decode")
+                    continue
+                self._emit(results)
         self.steps += 1
 
     @staticmethod

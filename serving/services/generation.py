@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from feedback import topics
 from serving.engine.client import EngineClient
 from serving.engine.types import FinishReason, SamplingParams, StepOutput, Token
+from serving.errors import GenerationError
 from serving.metrics import ServingMetrics
 from serving.services.completion_events import RequestRecord, completion_served
 from serving.services.completion_index import CompletionIndex, ServedCompletion
@@ -73,7 +74,9 @@ class GenerationService:
                      model_version: str | None = None) -> CompletionStream:
         """Start generating. Errors that concern the whole request (validation, overload, unknown
         model version) are raised here, before anything is sent, so each transport can answer them
-        with a status code.
+        with a status code; so is a GenerationError of a request that failed before its first token
+        (counted as outcome `error` under the version it ran on — the error's `model_version` when
+        the engine says it — while refusals count as `rejected`).
 
         `prompt` is what the engine reads (chat already rendered); `record` says what the completion's
         event records (the prompt as the user sent it, user, tenant, comparison). `model_version`
@@ -89,7 +92,15 @@ class GenerationService:
             first = await raw.__anext__()
         except StopAsyncIteration:  # pragma: no cover - engines always send at least one output
             raise
-        except BaseException:
+        except GenerationError as exc:
+            # Queued, then failed before its first token (its prefill raised): a failed request of
+            # the version it was routed to, which the engine's error names (the deployment watcher
+            # rolls a version back on these). Not a refusal.
+            failed_on = getattr(exc, "model_version", None) or model_version or self.engine.model_version
+            self.metrics.requests.labels(failed_on, "error").inc()
+            await raw.aclose()
+            raise
+        except BaseException:  # refused before it started: validation, overload, engine stopped
             self.metrics.requests.labels(model_version or self.engine.model_version, "rejected").inc()
             await raw.aclose()
             raise

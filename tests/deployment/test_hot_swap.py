@@ -1,6 +1,7 @@
 """Hot-swap through the real gateway: promotion under load with zero failed requests, a corrupt
-candidate that is never served, a canary split rolled back from the CLI, an automatic rollback on a
-candidate that really fails, and the reward model swapped independently."""
+candidate that is never served, a canary split rolled back from the CLI, automatic rollbacks of
+candidates that really fail (in decoding, and at their first step) without failing a request of the
+serving version, and the reward model swapped independently."""
 from __future__ import annotations
 
 import shutil
@@ -119,12 +120,53 @@ def test_a_failing_candidate_is_rolled_back_automatically(tmp_path, base_dir):
             wait_for(lambda: len(load.all()) >= seen + 6, "traffic after the rollback")
         failed = [(s, v) for s, v, _ in load.all() if s != 200]
         assert failed and {v for _, v in failed} >= {version}  # the candidate really failed requests
+        # the old version's requests in flight at the promotion finished: failures stay in their lane
+        assert gw.services.metrics.request_outcomes(base).get("error", 0) == 0
         # each worker's last requests (sent after the rollback) all succeed on the old version
         assert all(s == 200 and v == base for worker in load.results for s, v, _ in worker[-3:])
         reasons = gw.store.get_version(version).metrics["rejected_reasons"]
         assert len(reasons) == 1 and reasons[0].startswith("rolled back: error rate") and "> 5%" in reasons[0]
         last = gw.services.deployments.registry.history("policy")[0]
         assert (last.action, last.version, last.previous_version, last.actor) == ("rollback", base, version, "gateway")
+        assert 'feedloop_model_auto_rollbacks_total{role="policy"} 1.0' in client.get(f"{gw.url}/metrics").text
+
+
+def test_a_canary_failing_at_its_first_step_is_rolled_back_and_the_serving_version_fails_nothing(tmp_path,
+                                                                                                  base_dir):
+    """The short-context GPT-2 as a 50 % canary with prompts longer than its position table: its
+    requests fail in their prefill, before any token. Each is a failed request of the canary (not a
+    refusal, not the serving version's), so the watcher rolls the canary back; the serving
+    version's requests in the same steps all succeed."""
+    broken = make_short_context_checkpoint(tmp_path / "short-context")
+    version = model_version_of(broken)
+    prompt = "Tell me a long story about a dragon and a knight and a castle, please."  # 17 tokens > 12
+    with run_gateway(tmp_path, base_dir, rollback_min_requests=5) as gw, httpx.Client(timeout=30) as client:
+        base = gw.services.engine.model_version
+        gw.register(broken)
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": 6}}
+        with Load(gw.url, workers=3, body=body) as load:
+            wait_for(lambda: load.count(base) >= 4, "traffic")
+            r = client.post(f"{gw.url}/v1/admin/models/{version}/canary", json={"percent": 50, "reason": "try"})
+            assert r.status_code == 200, r.text
+            wait_for(lambda: gw.store.get_version(version).status == "rejected", "the automatic rollback")
+            wait_for(lambda: gw.deployments(client)["policy"]["gateway"]["routing"]["canary"] is None,
+                     "the canary withdrawn")
+            seen = [len(worker) + 1 for worker in load.results]  # +1: one may be in flight now
+            wait_for(lambda: all(len(w) >= n + 3 for w, n in zip(load.results, seen)), "traffic after the rollback")
+        failed = [(s, b) for s, _, b in load.all() if s != 200]
+        assert len(failed) >= 5 and all(s == 424 and '"generation"' in b for s, b in failed), failed[:3]
+        assert version in failed[0][1]  # the error names the version that failed
+        outcomes = gw.services.metrics.request_outcomes
+        assert outcomes(version).get("error", 0) == len(failed)  # counted where the watcher looks
+        assert outcomes(version).get("ok", 0) == 0 and outcomes(version).get("rejected", 0) == 0
+        assert outcomes(base).get("error", 0) == 0 and outcomes(base).get("rejected", 0) == 0
+        assert outcomes(base)["ok"] == len(load.all()) - len(failed)
+        # every request sent after the rollback succeeded on the serving version
+        assert all(s == 200 and v == base for worker, n in zip(load.results, seen) for s, v, _ in worker[n:])
+        reasons = gw.store.get_version(version).metrics["rejected_reasons"]
+        assert len(reasons) == 1 and reasons[0].startswith("rolled back: error rate") and "> 5%" in reasons[0]
+        last = gw.services.deployments.registry.history("policy")[0]
+        assert (last.action, last.actor) == ("rollback", "gateway")
         assert 'feedloop_model_auto_rollbacks_total{role="policy"} 1.0' in client.get(f"{gw.url}/metrics").text
 
 

@@ -1,6 +1,7 @@
 """Several model versions in one engine: hot swap under load, canary split, forced versions, the
-checks on adding and routing versions, and swapping the reward model. Two tiny checkpoints with
-different weights (seeds 0 and 1) stand for the serving policy and a newly promoted one."""
+checks on adding and routing versions, failure isolation between versions, and swapping the reward
+model. Two tiny checkpoints with different weights (seeds 0 and 1) stand for the serving policy and a
+newly promoted one; a GPT-2 whose position table is too short for its requests is a broken one."""
 from __future__ import annotations
 
 import asyncio
@@ -21,11 +22,13 @@ from feedback import topics
 from protos.feedloop.v1 import events_pb2
 from serving.engine.local import LocalEngineClient, LocalRewardClient
 from serving.engine.types import Routing, SamplingParams
-from serving.errors import UnknownModelVersion, ValidationError
+from serving.engine.engine import LaneFailed
+from serving.errors import GenerationError, UnknownModelVersion, ValidationError
 from serving.metrics import ServingMetrics
 from serving.models import load_policy, load_reward
 from serving.services.generation import GenerationService
 from serving.services.recorder import EventRecorder, RecorderMetrics
+from tests.deployment.gateway import make_short_context_checkpoint
 from tests.fakes import MemoryPublisher
 from tests.tiny import make_tiny_checkpoint
 
@@ -195,6 +198,87 @@ async def test_canary_takes_its_share_and_forced_versions_run_where_asked(tiny_p
         await client.stop()
     recorded = _recorded_versions(publisher, recorder)
     assert all(recorded[a.completion_id] == a.model_version for a in answers + forced)
+
+
+async def test_a_broken_version_fails_only_its_own_requests(tiny_model_dir, tmp_path, expected, caplog):
+    """A 50 % canary on a version that really fails (a GPT-2 with 12 position rows: prompts longer
+    than that fail in their prefill, the 12-token one in its first decode step), under concurrent
+    load that keeps both lanes in the same steps: every request routed to the serving version
+    succeeds with exactly its tokens, every one routed to the broken version fails with a
+    GenerationError naming that version, and each failure is counted under the version it ran on."""
+    caplog.set_level(logging.INFO, logger="serving.engine.engine")
+    old = load_policy(tiny_model_dir, device="cpu")
+    broken = load_policy(make_short_context_checkpoint(tmp_path / "short-context"), device="cpu")
+    lengths = {p: len(old.tokenizer.encode(p, add_special_tokens=False)) for p in PROMPTS}
+    assert min(lengths.values()) == 12 and max(lengths.values()) > 12  # decode and prefill failures
+    client = _client(old, max_batch_size=16, max_queue=256)
+    service, publisher, recorder = _service(client)
+    await client.start()
+    try:
+        client.add_version(broken)
+        client.set_routing(Routing(old.model_version, canary=broken.model_version, canary_percent=50))
+        jobs = [(PROMPTS[i % 8], 12 + i % 13) for i in range(64)]
+        answers = await asyncio.gather(*[service.complete(p, SamplingParams(max_new_tokens=n)) for p, n in jobs],
+                                       return_exceptions=True)
+        ok = [(job, a) for job, a in zip(jobs, answers) if not isinstance(a, BaseException)]
+        failed = [a for a in answers if isinstance(a, BaseException)]
+        assert len(ok) >= 10 and len(failed) >= 10, (len(ok), failed[:3])  # binomial(64, 0.5)
+        for (prompt, n), a in ok:
+            assert a.model_version == old.model_version
+            assert [t.id for t in a.tokens] == expected[old.model_version][prompt][:n]
+        for exc in failed:
+            assert isinstance(exc, LaneFailed) and isinstance(exc, GenerationError), repr(exc)
+            assert exc.model_version == broken.model_version and "IndexError" in str(exc)
+        # both kinds of failure happened, while the serving version had requests in the same steps
+        assert any(f"{broken.model_version} failed its prefill" in m for m in caplog.messages)
+        assert any(f"{broken.model_version} failed its decode" in m for m in caplog.messages)
+
+        outcomes = service.metrics.request_outcomes
+        assert outcomes(old.model_version) == {"ok": len(ok)}
+        assert outcomes(broken.model_version) == {"error": len(failed)}  # not "rejected", not the serving one's
+
+        # the engine goes on: the broken lane is withdrawn and dropped, the serving one answers
+        client.set_routing(Routing(old.model_version))
+        after = await service.complete(PROMPTS[0], SamplingParams(max_new_tokens=8))
+        assert [t.id for t in after.tokens] == expected[old.model_version][PROMPTS[0]][:8]
+        await _until(lambda: list(client.versions()) == [old.model_version])
+        assert client.stats()["batch_size"] == 0 and client.stats()["queue_size"] == 0
+    finally:
+        await client.stop()
+    recorded = _recorded_versions(publisher, recorder)
+    assert set(recorded.values()) == {old.model_version}  # failed answers are not recorded
+    assert len(recorded) == len(ok) + 1
+
+
+async def test_a_version_broken_mid_swap_fails_none_of_the_old_versions_requests(tiny_model_dir, tmp_path,
+                                                                                 expected):
+    """The old version's requests in flight when a broken version is promoted all finish on the old
+    weights, although the new version's requests fail (in prefill and in decode) during their run."""
+    old = load_policy(tiny_model_dir, device="cpu")
+    broken = load_policy(make_short_context_checkpoint(tmp_path / "short-context"), device="cpu")
+    client = _client(old, max_batch_size=16, max_queue=256)
+    service, _, _ = _service(client)
+    await client.start()
+    try:
+        client.add_version(broken)
+        long = SamplingParams(max_new_tokens=400)  # still decoding when the new version's requests fail
+        before = [asyncio.ensure_future(service.complete(PROMPTS[i % 8], long)) for i in range(8)]
+        await _until(lambda: client.versions()[old.model_version]["running"] == 8)
+        client.set_routing(Routing(broken.model_version))  # promoted while the old requests decode
+        short = SamplingParams(max_new_tokens=16)
+        later = await asyncio.gather(*[service.complete("Hello there", short) for _ in range(4)],
+                                     *[service.complete(PROMPTS[1], short) for _ in range(4)],
+                                     return_exceptions=True)
+        assert all(isinstance(e, LaneFailed) and e.model_version == broken.model_version for e in later), later
+        assert client.versions()[old.model_version]["running"] == 8  # the failures came mid-way
+        done = await asyncio.gather(*before)
+    finally:
+        await client.stop()
+    for i, c in enumerate(done):
+        assert c.model_version == old.model_version
+        assert [t.id for t in c.tokens][:LONGEST] == expected[old.model_version][PROMPTS[i % 8]]
+    assert service.metrics.request_outcomes(old.model_version) == {"ok": 8}
+    assert service.metrics.request_outcomes(broken.model_version) == {"error": 8}
 
 
 async def test_incompatible_versions_and_unknown_routes_are_refused(tiny_policy, new_model_dir):
