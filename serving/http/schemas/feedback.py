@@ -114,7 +114,9 @@ class CompareRequest(BaseModel):
     seed: int | None = Field(None, description="Seeds the first answer; the others get seed+1, seed+2, …",
                              json_schema_extra={"minimum": 0})
     user: str | None = None
-    model_versions: list[str] | None = Field(None, description="Only the served version is available today.")
+    model_versions: list[str] | None = Field(
+        None, description="Versions to answer with, each loaded in this gateway (serving or canary): answer i "
+                          "runs on model_versions[i % len]. Absent: every answer is routed like any request.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "CompareRequest":
