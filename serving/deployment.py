@@ -21,6 +21,10 @@ service already keeps per version and outcome: `ok` and `error` — client cance
 refused before they started are not its fault) are counted in windows of at least `min_requests`;
 a window whose failed share exceeds `max_error_rate` rolls the registry back, and the watcher then
 applies the rollback like any other change.
+
+Upstream mode (FEEDLOOP_UPSTREAMS: the gateway loads no weights): the same polling, refusals and
+automatic rollback, but each change is rolled across the upstream pools by serving/fleet.py
+(`FleetDeployer`: workers reloaded in place one by one, blue/green for TGI and OpenAI upstreams).
 """
 from __future__ import annotations
 
@@ -119,6 +123,10 @@ class DeploymentWatcher:
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        from serving.fleet import FleetDeployer  # imports this module
+
+        # upstream mode (FEEDLOOP_UPSTREAMS): the changes are rolled onto the upstream pools instead
+        self.fleet = FleetDeployer(self) if FleetDeployer.wanted_for(services) else None
 
     @classmethod
     def from_settings(cls, registry: ModelRegistry, services: Services) -> "DeploymentWatcher":
@@ -161,12 +169,18 @@ class DeploymentWatcher:
         """Register at first, apply every role's registry change, then check the watched error rate."""
         async with self._lock:
             if not self._registered:
-                self._registered = await self._register_loaded()
+                self._registered = await (self.fleet.register() if self.fleet else self._register_loaded())
             for role in ROLES:
+                tried = None
                 for _ in range(MAX_PASSES):
                     state = await self._read(role)
-                    if state is None or state.revision == self.roles[role].applied_revision:
+                    if state is None or state.revision == tried:  # not applicable now: next tick
                         break
+                    if state.revision == self.roles[role].applied_revision:
+                        if self.fleet is not None:  # workers that drifted (restarted) are moved back
+                            await self.fleet.reconcile(role, state)
+                        break
+                    tried = state.revision
                     await self._apply(role, state)
             await self._check_error_rate()
 
@@ -211,8 +225,9 @@ class DeploymentWatcher:
 
     # -- applying a registry change -----------------------------------------------------------
     async def _apply(self, role: str, state: DeploymentState) -> None:
-        status = self.roles[role]
-        first = status.applied_revision is None
+        if self.fleet is not None:  # upstream mode: serving/fleet.py rolls it out, then calls _applied
+            await self.fleet.apply(role, state)
+            return
         wanted = [state.serving_version] + ([state.canary_version] if state.canary_version else [])
         if role == "reward" and state.canary_version:
             log.warning("reward canaries are not split: serving the reward version only",
@@ -243,7 +258,12 @@ class DeploymentWatcher:
         else:
             # _load swapped it in already; nothing to route
             routing = Routing(state.serving_version)
-        swap_ms = (time.perf_counter() - started) * 1000
+        await self._applied(role, state, routing, (time.perf_counter() - started) * 1000)
+
+    async def _applied(self, role: str, state: DeploymentState, routing: Routing, swap_ms: float) -> None:
+        """Bookkeeping once a revision serves: revision, metrics, log, the newcomer's error window."""
+        status = self.roles[role]
+        first = status.applied_revision is None
         status.applied_revision = state.revision
         self._metrics.swaps.labels(role).inc()
         self._metrics.revision.labels(role).set(state.revision)
@@ -407,6 +427,8 @@ class DeploymentWatcher:
 
     # -- for the admin routes -----------------------------------------------------------------
     def gateway_state(self, role: str) -> dict:
+        if self.fleet is not None:  # per upstream: the version it serves, its slot in the deployment
+            return self.fleet.gateway_state(role)
         status = self.roles[role]
         if role == "policy":
             engine = self.services.engine

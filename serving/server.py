@@ -127,9 +127,9 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
     await services.start()
     grpc_server = None
     try:
-        # registers what was loaded, applies the registry's choice before traffic (not with upstreams:
-        # they load their own models; serving/upstreams drives their reloads)
-        if store is not None and not settings.upstreams:
+        # registers what was loaded, applies the registry's choice before traffic; with upstreams
+        # (FEEDLOOP_UPSTREAMS) the registry's changes are rolled across the fleet (serving/fleet.py)
+        if store is not None:
             await start_deployments(services, store)
         if settings.grpc_port is not None:
             grpc_server = await start_grpc_server(services, settings.host, settings.grpc_port)

@@ -6,7 +6,8 @@ A worker runs the in-process engine (the same LocalEngine, batching, lanes and r
     POST /, /generate, /generate_stream, GET /info    TGI-compatible (the gateway's TGIUpstream, or any TGI client)
     POST /v1/completions, /v1/chat/completions         OpenAI-compatible
     POST /v1/score                                     the reward model (role reward)
-    GET  /health, /metrics                             probes (with the served versions) and Prometheus
+    GET  /health, /metrics                             probes (with the served versions and the serving
+                                                       checkpoint's path) and Prometheus
     POST /v1/admin/reload                              hot-swap: {"model": DIR, "version", "checksums",
                                                                   "canary_percent"}
 
@@ -135,8 +136,11 @@ async def health(services: ServicesDep) -> JSONResponse:
         services.engine.check_health()  # EngineUnavailable → 503
         engine = services.engine
         return JSONResponse({"status": "ok", "role": role, "model_version": engine.model_version,
-                             "routing": engine.routing.as_dict(), "versions": engine.versions()})
+                             "model_path": str(engine.policy.path), "routing": engine.routing.as_dict(),
+                             "versions": engine.versions()})
+    path = getattr(services.reward.reward, "path", None)  # None: untrained (no checkpoint)
     return JSONResponse({"status": "ok", "role": role, "model_version": services.reward.model_version,
+                         "model_path": str(path) if path is not None else None,
                          "reward_model_version": services.reward.model_version,
                          "reward_model_trained": services.reward.trained})
 

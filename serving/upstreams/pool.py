@@ -23,6 +23,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -36,6 +37,25 @@ from serving.upstreams.config import PoolOptions, UpstreamSpec
 log = logging.getLogger(__name__)
 
 
+class RolloutFailed(RuntimeError):
+    """A worker could not be reloaded (unreachable, timeout, 5xx): try again later. `done`: the
+    workers already moved (their reload answers)."""
+
+    def __init__(self, url: str, message: str, done: list[dict], code: str = "failed") -> None:
+        super().__init__(f"rollout stopped: {url}: {message}")
+        self.url, self.reason, self.done, self.code = url, message, done, code
+
+
+class RolloutRefused(RolloutFailed):
+    """A worker refused the version (409; `code`: checksum | load | incompatible): it is never served."""
+
+    def __init__(self, url: str, code: str, message: str, done: list[dict]) -> None:
+        super().__init__(url, f"refused ({code}): {message}", done, code)
+
+
+_PENDING_NEW_VERSION: Any = object()  # rollout(): "route to whatever version the first worker reports"
+
+
 class Member:
     """One upstream in a pool: its breaker, health and live counts."""
 
@@ -47,6 +67,8 @@ class Member:
         self.outstanding = 0
         self.waiting = 0  # outstanding requests that have not had their first token yet
         self.outcomes: Counter = Counter()  # ok | error | cancelled | refused | retried
+        self.paused = False  # a rollout reloads it: no new requests (those in flight finish)
+        self.health_body: dict | None = None  # its last successful /health answer
 
     @property
     def url(self) -> str:
@@ -57,11 +79,12 @@ class Member:
         return self.upstream.model_version
 
     def in_rotation(self) -> bool:
-        return self.healthy and self.breaker.available()
+        return self.healthy and not self.paused and self.breaker.available()
 
     def as_dict(self) -> dict:
         return {"url": self.url, "kind": self.upstream.kind, "model_version": self.version,
-                "healthy": self.healthy, "health_error": self.health_error, "breaker": self.breaker.state,
+                "healthy": self.healthy, "health_error": self.health_error, "paused": self.paused,
+                "breaker": self.breaker.state,
                 "breaker_opened": self.breaker.opened_total, "outstanding": self.outstanding,
                 "outcomes": dict(self.outcomes)}
 
@@ -139,6 +162,7 @@ class Balancer:
                         extra={"fl_upstream": m.url, "fl_pool": self.name, "fl_error": error})
         m.healthy, m.health_error = ok, error
         if ok:
+            m.health_body = body if isinstance(body, dict) else None
             for callback in self.on_health:
                 callback(m, body)
 
@@ -368,35 +392,72 @@ class UpstreamPool(EngineClient):
 
     # -- fleet hot-swap (feedloop workers) --------------------------------------------------------
     async def rollout(self, model: str, version: str | None = None, checksums: dict | None = None,
-                      admin_token: str | None = None, timeout: float = 600.0) -> list[dict]:
-        """Move every feedloop worker of the pool to the checkpoint `model`, one worker at a time,
-        through its `POST /v1/admin/reload`: each worker loads and verifies it beside the running
-        version and switches new requests to it, while requests already running finish on the old
-        weights — no request fails. A pool `routing` is lifted during the rollout (requests go to
-        any worker) and set to the new version at the end. A refusal (409: checksums, load,
-        tokenizer) stops the rollout and is raised as RuntimeError; workers already moved stay moved.
-        TGI and OpenAI upstreams cannot reload: roll those out blue/green (new pool, then routing)."""
-        import httpx
+                      admin_token: str | None = None, timeout: float = 600.0, *,
+                      canary_percent: float | None = None, routing: Routing | None = None,
+                      members: list[Member] | None = None) -> list[dict]:
+        """Move the pool's feedloop workers (or `members`) to the checkpoint `model`, one worker at a
+        time: pause (no new requests from this pool, when another upstream in rotation can take
+        them) → `POST /v1/admin/reload` (the worker loads and verifies it beside the running version
+        and switches its new requests to it; requests already running finish on the old weights) →
+        resume. `canary_percent`: the worker keeps its serving version and sends that share of its
+        new requests to `model` (a canary inside the worker).
 
-        had_routing = self._routing is not None
-        self._routing = None
+        Routing: as soon as the first worker serves the new version, the pool's routing becomes
+        `routing` (default: the new version, if the pool had a routing) — a client never gets the
+        old version after the new one. Workers out of rotation are skipped (the caller reconciles
+        them later). A refusal (409: checksums, load, tokenizer) stops the rollout with
+        `RolloutRefused`; another failure (connection, timeout, 5xx) with `RolloutFailed`. Workers
+        already moved stay moved. TGI and OpenAI upstreams cannot reload: blue/green (serving/fleet.py)."""
+        if routing is None and self._routing is not None and canary_percent is None:
+            routing = _PENDING_NEW_VERSION
         body = {"model": model, "version": version, "checksums": checksums}
+        if canary_percent is not None:
+            body["canary_percent"] = canary_percent
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+        todo = members if members is not None else [m for m in self.members if m.upstream.kind == "feedloop"]
         done: list[dict] = []
         async with httpx.AsyncClient(timeout=timeout) as client:
-            for m in self.members:
-                if m.upstream.kind != "feedloop":
+            for m in todo:
+                if not m.healthy:
+                    log.warning("rollout skips an upstream out of rotation", extra={"fl_upstream": m.url})
                     continue
-                r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
-                if r.status_code != 200:
-                    raise RuntimeError(f"rollout stopped: {m.url} refused {model}: {r.status_code} {r.text}")
-                answer = r.json()
-                m.upstream.reported_version = answer["model_version"]
-                done.append({"url": m.url, **answer})
-                log.info("upstream reloaded", extra={"fl_upstream": m.url, "fl_model_version": answer["model_version"]})
-        if had_routing and done:
-            self._routing = Routing(done[-1]["model_version"])
+                m.paused = self._can_pause(m)
+                try:
+                    try:
+                        r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
+                    except httpx.HTTPError as exc:
+                        raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
+                    if r.status_code == 409:
+                        error = (_json(r) or {}).get("error") or {}
+                        raise RolloutRefused(m.url, error.get("code") or "refused",
+                                             error.get("message") or r.text, done)
+                    if r.status_code != 200:
+                        raise RolloutFailed(m.url, f"{r.status_code} {r.text[:500]}", done)
+                    answer = r.json()
+                    m.upstream.reported_version = answer["model_version"] if canary_percent is None \
+                        else (answer.get("routing") or {}).get("serving", m.upstream.reported_version)
+                    if m.health_body is not None and "routing" in answer:
+                        m.health_body = {**m.health_body, "model_version": m.upstream.reported_version,
+                                         "routing": answer["routing"], "model_path": model
+                                         if canary_percent is None else m.health_body.get("model_path")}
+                    done.append({"url": m.url, **answer})
+                    log.info("upstream reloaded", extra={"fl_upstream": m.url,
+                                                         "fl_model_version": answer["model_version"],
+                                                         "fl_canary_percent": canary_percent})
+                    if routing is _PENDING_NEW_VERSION:
+                        routing = Routing(answer["model_version"])
+                    if routing is not None and self._routing != routing:
+                        self.set_routing(routing)  # new requests: the new version only, from now on
+                finally:
+                    m.paused = False
         return done
+
+    def _can_pause(self, m: Member) -> bool:
+        """Pause `m` only if another upstream in rotation serves what the routing sends requests to
+        (pausing the only one would turn requests away)."""
+        wanted = set(self._routing.versions) if self._routing is not None else None
+        return any(o is not m and o.in_rotation() and (wanted is None or o.version in wanted)
+                   for o in self.members)
 
     # -- metrics ----------------------------------------------------------------------------------
     def register_metrics(self, registry) -> None:

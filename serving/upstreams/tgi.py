@@ -120,7 +120,9 @@ class TGIUpstream(Upstream):
         def on_headers(headers: dict) -> None:
             v = headers.get("X-Model-Version") or headers.get("x-model-version")
             if v:
-                version[0] = self.reported_version = v
+                version[0] = v
+                if self.kind != "feedloop":  # a worker's answer may come from its canary lane: its
+                    self.reported_version = v  # /health (and reload answers) say what it serves
 
         stream = self.client.generate_stream_with_headers(prompt, parameters, on_headers,
                                                           {"X-Request-Id": request_id})

@@ -1,5 +1,6 @@
 """Real processes for the upstream tests: `feedloop worker` subprocesses on 127.0.0.1, and a gateway
-(`build_services` with FEEDLOOP_UPSTREAMS, uvicorn) in one event loop on a background thread."""
+(`build_services` with FEEDLOOP_UPSTREAMS, uvicorn; optionally a SQLite registry it follows) in one
+event loop on a background thread."""
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,9 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+from feedback.store import FeedbackStore
 from serving.http.app import create_app
-from serving.server import build_services
+from serving.server import build_services, start_deployments
 from serving.services import Services
 from serving.settings import ServingSettings
 from tests.fakes import MemoryPublisher
@@ -95,6 +97,7 @@ class Gateway:
     services: Services
     publisher: MemoryPublisher
     loop: asyncio.AbstractEventLoop
+    store: FeedbackStore | None = None  # with `database_url`: the registry the gateway follows
 
     def call(self, coro, timeout: float = 60.0):
         """Run a coroutine on the gateway's event loop (the pool lives there)."""
@@ -102,10 +105,17 @@ class Gateway:
 
 
 @contextmanager
-def run_gateway(tmp: Path, upstreams: dict, tokenizer: Path) -> Iterator[Gateway]:
+def run_gateway(tmp: Path, upstreams: dict, tokenizer: Path, database_url: str | None = None,
+                **settings) -> Iterator[Gateway]:
+    """With `database_url`: a store whose model registry the gateway follows (start_deployments, as
+    `feedloop serve` does), so promotions roll across the upstreams (serving/fleet.py)."""
     upstreams = {"tokenizer": str(tokenizer), **upstreams}
     settings = ServingSettings(data_dir=tmp / "gateway", upstreams=json.dumps(upstreams), grpc_port=None,
-                               max_input_tokens=256, max_total_tokens=512)
+                               max_input_tokens=256, max_total_tokens=512, **settings)
+    store = None
+    if database_url is not None:
+        store = FeedbackStore(database_url)
+        store.migrate()
     publisher = MemoryPublisher()
     services = build_services(settings, publisher=publisher)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -120,8 +130,12 @@ def run_gateway(tmp: Path, upstreams: dict, tokenizer: Path) -> Iterator[Gateway
         loops.append(asyncio.get_running_loop())
         await services.start()
         try:
+            if store is not None:
+                await start_deployments(services, store)
             await server.serve(sockets=[sock])
         finally:
+            if services.deployments is not None:
+                await services.deployments.stop()
             await services.stop()
 
     def run() -> None:
@@ -137,20 +151,23 @@ def run_gateway(tmp: Path, upstreams: dict, tokenizer: Path) -> Iterator[Gateway
         assert thread.is_alive() and time.monotonic() < deadline, f"the gateway did not start: {failure}"
         time.sleep(0.01)
     try:
-        yield Gateway(f"http://127.0.0.1:{port}", services, publisher, loops[0])
+        yield Gateway(f"http://127.0.0.1:{port}", services, publisher, loops[0], store)
     finally:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+        if store is not None:
+            store.close()
     assert not thread.is_alive(), "the gateway did not stop"
     assert not failure, failure
 
 
 @contextmanager
-def serve_app(app) -> Iterator[str]:
-    """Any ASGI app on 127.0.0.1 (uvicorn on a thread of its own); yields the base URL."""
+def serve_app(app, port: int = 0) -> Iterator[str]:
+    """Any ASGI app on 127.0.0.1 (uvicorn on a thread of its own; `port` 0: a free one); yields the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()

@@ -1,5 +1,6 @@
 """A gateway in front of two `feedloop worker` processes (tiny checkpoint, 127.0.0.1): balancing,
-the TGI path with the real `text-generation` client, the OpenAI upstream, a rollout of a new version
+the TGI path with the real `text-generation` client, the OpenAI upstream, a promotion in the model
+registry rolled across both workers under load (and a corrupt one refused), a rollout of a new version
 across both workers under load, and one worker SIGKILLed mid-load (last: it kills a worker)."""
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pytest
 from text_generation import AsyncClient, Client
 
 from feedback import topics
-from serving.checkpoint import checksums, model_version_of
+from serving.checkpoint import checksums, model_version_of, read_manifest, write_checkpoint
 from serving.engine.types import SamplingParams
 from serving.upstreams.openai_upstream import OpenAIUpstream
 from serving.upstreams.tgi import TGIUpstream
+from tests.deployment.gateway import Load, wait_for
 from tests.tiny import make_tiny_checkpoint
 from tests.upstreams.harness import Worker, free_port, run_gateway
 
@@ -135,6 +137,71 @@ def test_a_gateway_over_openai_upstreams_serves_the_openai_client(workers, tiny_
         assert via.choices[0].text == ref.choices[0].text and via.usage.completion_tokens == 6
         chunks = list(client.completions.create(**kw, stream=True))
         assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.choices[0].text
+
+
+def test_a_promotion_in_the_registry_rolls_across_both_workers(workers, tiny_model_dir, tmp_path):
+    """A gateway in upstream mode following a SQLite registry: it registers what the workers serve;
+    a candidate promoted through the admin route is reloaded by both workers under steady load with
+    zero failed requests, each client's answers switch once and never go back; a corrupt candidate
+    is refused by the first worker and the registry rolled back, never served."""
+    base = model_version_of(tiny_model_dir)
+    for w in workers:  # this test runs before the others move the workers
+        assert httpx.get(f"{w.url}/health").json()["model_version"] == base
+    good = write_checkpoint(tmp_path / "tiny-v1", lambda d: make_tiny_checkpoint(d, seed=1),
+                            {"model_version": "tiny-v1", "stage": "ppo"})
+    bad = write_checkpoint(tmp_path / "tiny-v2", lambda d: make_tiny_checkpoint(d, seed=2),
+                           {"model_version": "tiny-v2", "stage": "ppo"})
+    upstreams = {"policy": [{"url": w.url, "kind": "feedloop"} for w in workers], "options": OPTIONS}
+    with run_gateway(tmp_path, upstreams, tiny_model_dir, database_url=f"sqlite:///{tmp_path / 'registry.db'}",
+                     poll_interval=0.05) as gw, httpx.Client(timeout=30) as client:
+        def deployment() -> dict:
+            r = client.get(f"{gw.url}/v1/admin/deployments")
+            assert r.status_code == 200, r.text
+            return r.json()["policy"]
+
+        state = deployment()  # start-up: the gateway registered and deployed what the workers serve
+        assert state["registry"]["serving_version"] == base and state["gateway"]["mode"] == "upstreams"
+        assert [(u["url"], u["model_version"], u["slot"]) for u in state["gateway"]["upstreams"]] == \
+            [(w.url, base, "serving") for w in workers]
+        for ckpt in (good, bad):  # registered intact, with the manifest's checksums
+            gw.store.register_version(read_manifest(ckpt)["model_version"], stage="ppo", role="policy",
+                                      checkpoint_path=str(ckpt), checksums=read_manifest(ckpt)["files"])
+        weights = bad / "model.safetensors"  # then one byte of the second one flipped on disk
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+        with Load(gw.url) as load:
+            wait_for(lambda: load.count(base) >= 4, "traffic on the old version")
+            r = client.post(f"{gw.url}/v1/admin/models/tiny-v1/promote", json={"reason": "gates passed"})
+            assert r.status_code == 200, r.text
+            wait_for(lambda: all(any(v == "tiny-v1" for _, v, _ in mine) for mine in load.results)
+                     and load.count("tiny-v1") >= 4, "every client served by the new version")
+            for w in workers:  # both workers reloaded it
+                wait_for(lambda: httpx.get(f"{w.url}/health").json()["model_version"] == "tiny-v1", "reload")
+            r = client.post(f"{gw.url}/v1/admin/models/tiny-v2/promote", json={})
+            assert r.status_code == 200, r.text  # the registry accepts it; the fleet refuses it
+            wait_for(lambda: gw.store.get_version("tiny-v2").status == "rejected", "the registry rolled back")
+            seen = len(load.all())
+            wait_for(lambda: len(load.all()) >= seen + 4, "traffic after the rollback")
+        results = load.all()
+        assert [r for r in results if r[0] != 200] == []  # zero failed requests
+        for mine in load.results:  # each client's requests are sequential: old answers, then new ones only
+            versions = [v for _, v, _ in mine]
+            assert set(versions) <= {base, "tiny-v1"}, set(versions)  # tiny-v2 never answered
+            assert base not in versions[versions.index("tiny-v1"):], versions
+        # different weights, different greedy answers
+        assert {b for _, v, b in results if v == base}.isdisjoint({b for _, v, b in results if v == "tiny-v1"})
+        state = deployment()
+        assert state["registry"]["serving_version"] == "tiny-v1"
+        assert [(u["model_version"], u["slot"]) for u in state["gateway"]["upstreams"]] == [("tiny-v1", "serving")] * 2
+        assert state["gateway"]["routing"]["serving"] == "tiny-v1"
+        assert "model.safetensors" in state["gateway"]["refused"]["tiny-v2"]
+        actions = [(e.action, e.version, e.actor) for e in gw.services.deployments.registry.history("policy")]
+        assert actions[:4] == [("rollback", "tiny-v1", "gateway"), ("refused", "tiny-v2", "gateway"),
+                               ("promote", "tiny-v2", "admin-api"), ("promote", "tiny-v1", "admin-api")]
+    for w in workers:
+        assert httpx.get(f"{w.url}/health").json()["model_version"] == "tiny-v1"
 
 
 def test_a_new_version_rolls_across_both_workers_with_zero_failed_requests(gateway, workers, tmp_path):

@@ -1,5 +1,8 @@
-"""The reward upstream: a reward worker's app (the tiny reward model) behind RewardUpstreamPool."""
+"""The reward upstream: a reward worker's app (the tiny reward model) behind RewardUpstreamPool, and a
+reward promotion in the registry reloaded by the worker."""
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 import pytest
@@ -40,3 +43,39 @@ async def test_reward_pool_scores_through_a_reward_worker(tiny_reward, tmp_path)
             assert not dead.healthy and live.outcomes["ok"] == 2
     finally:
         await local.stop()
+
+
+def test_a_reward_promotion_in_the_registry_reloads_the_reward_worker(tiny_reward, tiny_model_dir, tmp_path):
+    """A gateway in upstream mode following a SQLite registry: a reward model promoted through the
+    admin route is reloaded by the reward worker (POST /v1/admin/reload) and /v1/score answers with it."""
+    from serving.checkpoint import checksums, model_version_of
+    from tests.deployment.gateway import make_reward_checkpoint, wait_for
+    from tests.upstreams.harness import run_gateway
+    from tests.upstreams.test_blue_green import tgi_server
+
+    rm = make_reward_checkpoint(tiny_model_dir, tmp_path / "rm-1", seed=3)
+    version = model_version_of(rm)
+    local = LocalRewardClient(tiny_reward)
+    services = Services.build(ServingSettings(data_dir=tmp_path / "w"), _NoPolicy(), local, completion_index_size=16)
+    try:
+        with serve_app(create_worker_app(services)) as reward_url, serve_app(tgi_server("p")) as policy_url:
+            upstreams = {"policy": [{"url": policy_url, "kind": "tgi", "model_version": "p"}],
+                         "reward": [{"url": reward_url}], "options": {"health_interval": 0.1}}
+            with run_gateway(tmp_path, upstreams, tiny_model_dir, database_url=f"sqlite:///{tmp_path / 'r.db'}",
+                             poll_interval=0.05) as gw, httpx.Client(timeout=30) as client:
+                pairs = {"inputs": [{"prompt": "Hi", "response": "Hello!"}]}
+                before = client.post(f"{gw.url}/v1/score", json=pairs).json()
+                assert before["model_version"] == tiny_reward.model_version  # untrained: not registered
+                gw.store.register_version(version, stage="rm", role="reward", checkpoint_path=str(rm),
+                                          checksums=checksums(rm))
+                r = client.post(f"{gw.url}/v1/admin/models/{version}/promote", json={})
+                assert r.status_code == 200, r.text
+                wait_for(lambda: client.post(f"{gw.url}/v1/score", json=pairs).json()["model_version"] == version,
+                         "the reward worker serves the promoted version")
+                assert httpx.get(f"{reward_url}/health").json()["reward_model_version"] == version
+                state = client.get(f"{gw.url}/v1/admin/deployments").json()["reward"]
+                assert state["registry"]["serving_version"] == version
+                assert [(u["url"], u["model_version"], u["slot"]) for u in state["gateway"]["upstreams"]] == \
+                    [(reward_url, version, "serving")]
+    finally:
+        asyncio.run(local.stop())
