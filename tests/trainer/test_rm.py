@@ -148,10 +148,12 @@ def test_bad_input_fails_before_training(tmp_path, tiny_model_dir):
 
 def test_rm_learns_a_synthetic_preference(tmp_path, tiny_model_dir, tiny_policy):
     # Answers ranked by the marker word they hold (banana > cherry > none > rotten), K = 2..4: 64
-    # training rankings, 25 epochs of 8 steps; 32 held-out rankings of other answers.
+    # training rankings, 40 epochs of 8 steps; 32 held-out rankings of other answers.
+    # 25 epochs reached 1.0 on one machine and 0.64 on another (AMD EPYC: other float kernels, the same
+    # seed): the tiny model is mid-way through learning the marker there. 40 epochs reach 1.0 on both.
     heldout_groups = marker_groups(32, seed=1)
     heldout = write_jsonl(tmp_path / "rm.heldout.jsonl", heldout_groups)
-    config = tiny_rm_config(tmp_path, tiny_model_dir, records=marker_groups(64, seed=0), epochs=25,
+    config = tiny_rm_config(tmp_path, tiny_model_dir, records=marker_groups(64, seed=0), epochs=40,
                             optim={"warmup_steps": 5}, data={"heldout": str(heldout), "batch_size": 8},
                             run={"save_every": 0})
     start = time.perf_counter()
