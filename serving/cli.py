@@ -118,6 +118,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from bench.swap import main as bench_swap
 
         return bench_swap(args.rest)
+    elif which == "gateway":
+        from bench.gateway import main as bench_gateway
+
+        return bench_gateway(args.rest)
     elif which == "train":
         from bench.train import main as bench_train
 
@@ -181,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_loop_commands(sub)
     add_simulate_commands(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest|train|swap --help`")
+    bench = sub.add_parser("bench", help="benchmarks (write docs/benchmarks.md): `feedloop bench serve|ingest|train|swap|gateway --help`")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser
