@@ -91,8 +91,12 @@ async def run_load(url: str, version: str, clients: int, before: float, after: f
         await load.stop()
     start = min(s.started_at for s in load.samples)
     windows = {"before": (start + 2, promoted), "during": (promoted, served + 1.0), "after": (served + 1.0, None)}
-    out = {"promoted": promoted, "served": served, "samples": len(load.samples), "errors": load.errors(),
-           "versions": dict(load.versions())}
+    # The switch happened between the last request sent to the old version and the first sent to the new
+    # one (the client's resolution: clients send back to back, so a request starts every p50 / clients).
+    switched = min(s.started_at for s in load.samples if s.ok and s.model_version == version)
+    last_old = max((s.started_at for s in load.samples if s.model_version not in (None, version)), default=None)
+    out = {"promoted": promoted, "served": served, "switched": switched, "last_old": last_old,
+           "samples": len(load.samples), "errors": load.errors(), "versions": dict(load.versions())}
     for name, (since, until) in windows.items():
         lat = load.latency(since, until)
         out[name] = {"n": lat.count, "p50": lat.p50_s, "p99": lat.p99_s, "errors": lat.errors}
@@ -143,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway.wait(60)
             log.close()
 
-    swap_s = result["served"] - result["promoted"]
+    swap_s = result["switched"] - result["promoted"]
     section = render(args, result, swap_s)
     print(section)
     if not args.no_write:
@@ -162,9 +166,12 @@ def render(args, r: dict, swap_s: float) -> str:
              f"Command: `feedloop bench swap --clients {args.clients} --before {args.before:g} --after {args.after:g} "
              f"--new-tokens {args.new_tokens}`" + (f" `--model {args.model}`" if args.model else " (bundled SmolLM2-135M, fp32)"),
              "",
-             f"- swap: promotion → first answer from the new version **{swap_s * 1000:.0f} ms**; the gateway's "
-             f"load-and-verify of the checkpoint {ms(r['load_s'])} ms (target: swap ≤ load + 100 ms: "
-             f"{'met' if r['load_s'] is not None and swap_s <= r['load_s'] + 0.1 else 'not met'})",
+             f"- swap: promotion → the first request the new version answers was sent **{swap_s * 1000:.0f} ms** "
+             f"later (the last request answered by the old version was sent at "
+             f"{ms(r['last_old'] - r['promoted']) if r['last_old'] else '–'} ms); the gateway's load-and-verify of "
+             f"the checkpoint took {ms(r['load_s'])} ms (target: swap ≤ load + 100 ms: "
+             f"{'met' if r['load_s'] is not None and swap_s <= r['load_s'] + 0.1 else 'not met'}); "
+             f"first answer from the new version {ms(r['served'] - r['promoted'])} ms after the promotion",
              f"- requests: {r['samples']}, errors: **{r['errors']}**; versions answered: "
              + ", ".join(f"{v}: {n}" for v, n in r["versions"].items()),
              "", "| window | requests | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]

@@ -307,7 +307,7 @@ class DeploymentWatcher:
 
         verify_files(path, recorded)
         try:
-            policy = load_policy(path, self.device, self.dtype)
+            policy = load_policy(path, self.device, self.dtype, verified=True)  # verify_files hashed them
         except Exception as exc:
             raise Refused("load", f"loading failed: {type(exc).__name__}: {exc}") from exc
         policy.model_version = version  # the registry's name is what responses and records carry
@@ -322,7 +322,7 @@ class DeploymentWatcher:
 
         verify_files(path, recorded)
         try:
-            reward = load_reward(path, self.services.engine.policy, self.device, self.dtype)
+            reward = load_reward(path, self.services.engine.policy, self.device, self.dtype, verified=True)
         except Exception as exc:
             raise Refused("load", f"loading failed: {type(exc).__name__}: {exc}") from exc
         reward.model_version = version

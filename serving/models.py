@@ -119,14 +119,17 @@ class LoadedPolicy:
     path: Path
 
 
-def load_policy(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedPolicy:
-    """Load an HF causal-LM checkpoint directory for serving."""
+def load_policy(path: Path, device: str = "auto", dtype: str = "auto", *, verified: bool = False) -> LoadedPolicy:
+    """Load an HF causal-LM checkpoint directory for serving. `verified`: the caller has just checked the
+    files against the manifest (the deployment watcher hashes once for the manifest and the registry:
+    hashing a large checkpoint twice would double the time a swap competes with decoding for the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not an HF checkpoint directory (no config.json)")
-    _check_intact(path)
+    if not verified:
+        _check_intact(path)
     dev, torch_dtype = resolve_device(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(dev).eval()
@@ -146,7 +149,8 @@ class LoadedReward:
     path: Path | None
 
 
-def load_reward(path: Path | None, policy: LoadedPolicy, device: str = "auto", dtype: str = "auto") -> LoadedReward:
+def load_reward(path: Path | None, policy: LoadedPolicy, device: str = "auto", dtype: str = "auto", *,
+                verified: bool = False) -> LoadedReward:
     """Load a reward checkpoint, or (path None) start an untrained one from the policy's weights.
 
     An untrained reward model's head is random: its scores mean nothing until the trainer's RM stage
@@ -158,7 +162,8 @@ def load_reward(path: Path | None, policy: LoadedPolicy, device: str = "auto", d
     dev, torch_dtype = resolve_device(device, dtype)
     if path is not None:
         path = Path(path)
-        _check_intact(path)
+        if not verified:  # as for load_policy
+            _check_intact(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype)
         manifest = read_manifest(path) or {}
