@@ -41,31 +41,9 @@ import httpx
 
 from bench.ingest import _free_port, _wait_healthy
 from bench.serve import QUESTIONS, percentile, write_section
+from bench.tiny import make_tiny_checkpoint
 
 ROUTES = ("generate", "generate_stream")
-
-
-def make_tiny_checkpoint(out_dir: Path, seed: int = 0) -> Path:
-    """A tiny Llama (2 layers, hidden 64) with the bundled tokenizer, as tests/tiny.py writes it (copied:
-    bench does not import tests)."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from serving.models import load_bundled_tokenizer
-
-    tok = load_bundled_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         initializer_range=0.5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                               bos_token_id=tok.bos_token_id)
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    return out_dir
 
 
 # --- processes ---------------------------------------------------------------------------------------
