@@ -27,7 +27,6 @@ epoch), so a resumed run repeats an uninterrupted one exactly.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -36,9 +35,8 @@ import torch
 from serving.checkpoint import model_version_of
 from serving.engine.engine import LocalEngine
 from serving.models import resolve_device
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
-                                   resume_training, write_stage_checkpoint)
-from trainer.config import ConfigError, PPOConfig, config_to_dict
+from trainer.checkpointing import Position, StepPlan, dataset_hash, resume_training, write_stage_checkpoint
+from trainer.config import PPOConfig, config_to_dict
 from trainer.distributed import EngineGroup, build_engine
 from trainer.maths import (AdaptiveKLController, FixedKLController, entropy, gae, kl_penalty, masked_sum,
                            next_token_logprobs, per_token_rewards, policy_loss, ptx_loss, value_loss,
@@ -48,6 +46,7 @@ from trainer.models import check_context, load_frozen, load_scalar_head, pad_tok
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.reward import check_same_tokenizer
 from trainer.rollouts import collate_rollouts, generate, load_prompts, load_ptx, score_rollouts
+from trainer.stage import begin_stage
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +206,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(config.run.output_dir)
-    final_dir = out / CHECKPOINT_DIR
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
-    if not resume and latest_training_state(out) is not None:
-        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
+    out, final_dir = begin_stage(config.run, resume)
 
     # 1. data: tokenizers must match (the RM reads what the policy writes); prompts and ptx text checked.
     policy_path = resolve_model_path(config.policy)

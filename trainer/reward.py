@@ -16,10 +16,8 @@ each training ranking (what people preferred: the closest thing to a demonstrati
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,15 +25,13 @@ import torch
 from serving.checkpoint import model_version_of
 from serving.engine.reward import render_pair, reward_scores
 from serving.models import resolve_device
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
-                                   resume_training, write_stage_checkpoint)
+from trainer.checkpointing import dataset_hash, write_stage_checkpoint
 from trainer.config import ConfigError, RMConfig, config_to_dict
 from trainer.data import DatasetError, read_records
-from trainer.distributed import build_engine
 from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
 from trainer.metrics import MetricsLog, PhaseTimer, Throughput, progress_bar
 from trainer.models import check_context, load_scalar_head, pad_token_id, resolve_model_path
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.stage import begin_stage, make_trainable, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +131,7 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     """
     from transformers import AutoTokenizer
 
-    out = Path(config.run.output_dir)
-    final_dir = out / CHECKPOINT_DIR
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
-    if not resume and latest_training_state(out) is not None:
-        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
+    out, final_dir = begin_stage(config.run, resume)
 
     # 1. data: the tokenizer check, then every ranking read, validated and tokenised before any weights load.
     model_path = resolve_model_path(config.model)
@@ -162,28 +151,13 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
     model = load_scalar_head(model_path, pad_id, device)
-    if config.run.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.train()
+    make_trainable(model, config.run.gradient_checkpointing)
 
-    # 3. plan and optimizer: a micro-batch is `data.batch_size` groups; a step, `grad_accumulation` of them.
-    plan = StepPlan(len(train), batch_size=config.data.batch_size, accumulation=config.optim.grad_accumulation,
-                    epochs=config.epochs, seed=config.run.seed, shuffle=config.data.shuffle,
-                    max_steps=config.run.max_steps)
+    # 3-4. plan, optimizer, resume (trainer/stage.py): a micro-batch is `data.batch_size` groups; a
+    # step, `grad_accumulation` of them.
+    plan, engine, position, save_state = prepare_training(
+        model, config, len(train), out, config_dict, data_hash, resume=resume, deepspeed=deepspeed, log=log)
     total_steps = plan.total_steps
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, total_steps)
-    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip,
-                          batch_size=config.data.batch_size, accumulation=plan.accumulation,
-                          deepspeed_config=deepspeed)
-
-    # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
-    position = Position(step=0, epoch=0, batch_index=0)
-    if resume:
-        position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
-        log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
-    save_state = partial(plan.save_state, out, engine=engine, config=config_dict, data_hash=data_hash)
 
     # 5. train
     metrics_log = MetricsLog(out, resume_step=position.step)

@@ -8,23 +8,19 @@ its micro-batches), so gradient accumulation gives the gradient one big batch wo
 from __future__ import annotations
 
 import logging
-import random
-from functools import partial
 from pathlib import Path
 
 import torch
 
 from serving.checkpoint import model_version_of
 from serving.models import resolve_device
-from trainer.checkpointing import (CHECKPOINT_DIR, Position, StepPlan, dataset_hash, latest_training_state,
-                                   resume_training, write_stage_checkpoint)
-from trainer.config import ConfigError, SFTConfig, config_to_dict
+from trainer.checkpointing import dataset_hash, write_stage_checkpoint
+from trainer.config import SFTConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft
-from trainer.distributed import build_engine
 from trainer.maths import masked_sum, next_token_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.models import check_context, pad_token_id, resolve_model_path
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.stage import begin_stage, make_trainable, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +65,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = Path(config.run.output_dir)
-    final_dir = out / CHECKPOINT_DIR
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} exists: this run already finished (checkpoints are immutable)")
-    if not resume and latest_training_state(out) is not None:
-        raise ConfigError(f"{out} holds the state of an interrupted run: pass --resume, or use a new output_dir")
-    torch.manual_seed(config.run.seed)
-    random.seed(config.run.seed)
+    out, final_dir = begin_stage(config.run, resume)
 
     # 1. data: read, validate and tokenise every record before loading any weights.
     model_path = resolve_model_path(config.model)
@@ -92,29 +81,13 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     device, compute_dtype = resolve_device(config.run.device, config.run.dtype)
     autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
-    if config.run.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False  # a cache is useless in training and HF warns with checkpointing
-    model.train()
+    make_trainable(model, config.run.gradient_checkpointing)
 
-    # 3. plan and optimizer: an optimizer step = `grad_accumulation` micro-batches; the last step of
-    # an epoch may take fewer.
-    plan = StepPlan(len(train), batch_size=config.data.batch_size, accumulation=config.optim.grad_accumulation,
-                    epochs=config.epochs, seed=config.run.seed, shuffle=config.data.shuffle,
-                    max_steps=config.run.max_steps)
+    # 3-4. plan, optimizer, resume (trainer/stage.py): a step = `grad_accumulation` micro-batches; the
+    # last step of an epoch may take fewer.
+    plan, engine, position, save_state = prepare_training(
+        model, config, len(train), out, config_dict, data_hash, resume=resume, deepspeed=deepspeed, log=log)
     total_steps = plan.total_steps
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, total_steps)
-    engine = build_engine(model, optimizer, scheduler, grad_clip=config.optim.grad_clip,
-                          batch_size=config.data.batch_size, accumulation=plan.accumulation,
-                          deepspeed_config=deepspeed)
-
-    # 4. resume: model, optimizer, scheduler, RNG and data position from the newest saved state.
-    position = Position(step=0, epoch=0, batch_index=0)
-    if resume:
-        position, state_dir = resume_training(out, config_dict, data_hash, engine=engine)
-        log.info("resuming from %s (step %d of %d)", state_dir, position.step, total_steps)
-    save_state = partial(plan.save_state, out, engine=engine, config=config_dict, data_hash=data_hash)
 
     # 5. train
     metrics_log = MetricsLog(out, resume_step=position.step)
