@@ -41,6 +41,16 @@ class _Server:
         await self._server.serve()
 
 
+async def serve_until_signal(config) -> None:
+    """Serve HTTP until SIGINT/SIGTERM asks uvicorn to exit; the caller then stops the rest in order."""
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.request_exit)
+    await server.serve()
+    log.info("stopping", extra={"fl_reason": "signal"})
+
+
 def resolve_policy_path(settings: ServingSettings) -> Path:
     """The policy checkpoint to serve: --model, else the bundled SmolLM2 (dequantised once)."""
     if settings.model:
@@ -141,12 +151,7 @@ async def serve(settings: ServingSettings, services: Services | None = None) -> 
                                    "fl_model_version": services.engine.model_version,
                                    "fl_reward_model_version": services.reward.model_version,
                                    "fl_bus": bus_url(settings), "fl_database": _redact(database_url(settings))})
-        server = _Server(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.request_exit)
-        await server.serve()
-        log.info("stopping", extra={"fl_reason": "signal"})
+        await serve_until_signal(config)
     finally:
         if grpc_server is not None:
             await stop_grpc_server(grpc_server, grace=5)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -293,7 +292,7 @@ async def run_worker(settings: ServingSettings, role: str, grpc_port: int | None
     """Serve until SIGINT/SIGTERM. gRPC only when `grpc_port` is given."""
     import uvicorn
 
-    from serving.server import _Server, in_fresh_thread
+    from serving.server import in_fresh_thread, serve_until_signal
 
     services = await in_fresh_thread(lambda: build_worker_services(settings, role))
     await services.start()
@@ -308,12 +307,7 @@ async def run_worker(settings: ServingSettings, role: str, grpc_port: int | None
         version = services.engine.model_version if role == "policy" else services.reward.model_version
         log.info("worker serving", extra={"fl_role": role, "fl_http": f"http://{settings.host}:{settings.port}",
                                           "fl_model_version": version})
-        server = _Server(config)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.request_exit)
-        await server.serve()
-        log.info("stopping", extra={"fl_reason": "signal"})
+        await serve_until_signal(config)
     finally:
         if grpc_server is not None:
             from serving.grpc.server import stop_grpc_server
