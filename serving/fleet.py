@@ -45,7 +45,8 @@ from feedback.store.registry import DeploymentState
 from serving.checkpoint import checksums, read_manifest
 from serving.deployment import ACTOR, Refused
 from serving.engine.types import Routing
-from serving.upstreams.pool import Member, RolloutFailed, RolloutRefused, UpstreamPool
+from serving.upstreams.balancer import Member
+from serving.upstreams.pool import RolloutFailed, RolloutRefused, UpstreamPool
 
 log = logging.getLogger(__name__)
 

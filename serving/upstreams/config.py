@@ -13,7 +13,8 @@ JSON (the env var's value, or `@/path/to/file.json` to read it from a file):
       "routing": {"serving": "v1", "canary": "v2", "canary_percent": 10},
       "options": {"request_timeout": 300, "connect_timeout": 3, "read_timeout": 60,
                   "health_interval": 2, "health_timeout": 2, "max_attempts": 3,
-                  "breaker_failures": 3, "breaker_cooldown": 5}
+                  "breaker_failures": 3, "breaker_cooldown": 5, "discovery_interval": 5,
+                  "nameservers": null}
     }
 
 - `kind`: `feedloop` (a `feedloop worker`; spoken to over its TGI routes) | `tgi` | `openai` (vLLM,
@@ -25,6 +26,9 @@ JSON (the env var's value, or `@/path/to/file.json` to read it from a file):
 - `tokenizer`: the directory (or hub id) whose tokenizer renders chats and counts tokens at the
   gateway; default `--model`, else the bundled SmolLM2's.
 - `routing`: optional split between versions (canary); without it any healthy upstream serves.
+- `discovery`: `dns` | `srv` — the URL names a headless Service whose records are the members
+  (pods), re-read every `discovery_interval` s (serving/upstreams/discovery.py), e.g.
+  `{"url": "http://_http._tcp.policy-worker", "discovery": "srv"}`.
 - `reward`: `/v1/score` upstreams (feedloop workers `--role reward`). Without it, the gateway has no
   reward model: `/v1/score` answers 503.
 """
@@ -33,8 +37,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.engine.types import Routing
 
@@ -49,6 +54,9 @@ class UpstreamSpec(BaseModel):
     model_version: str | None = None
     model: str | None = Field(None, description="Model name for OpenAI-compatible servers.")
     api_key: str | None = Field(None, description="Bearer token for OpenAI-compatible servers.")
+    discovery: Literal["dns", "srv"] | None = Field(None, description=(
+        "The URL's host is a DNS name standing for the members (a headless Service): `dns` its A/AAAA "
+        "records, `srv` its SRV records (port from the record); serving/upstreams/discovery.py."))
 
     @field_validator("url")
     @classmethod
@@ -56,6 +64,18 @@ class UpstreamSpec(BaseModel):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"upstream url must start with http:// or https://; got {v!r}")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _discoverable(self) -> "UpstreamSpec":
+        if self.discovery == "srv":
+            parts = urlsplit(self.url)
+            if parts.port is not None:
+                raise ValueError(f"srv discovery takes the port from the SRV records: drop the port from "
+                                 f"{self.url} (e.g. http://_http._tcp.policy-worker)")
+            if not (parts.hostname or "").startswith("_"):
+                raise ValueError(f"srv discovery needs an SRV name such as _http._tcp.policy-worker; got "
+                                 f"{parts.hostname!r}")
+        return self
 
 
 class PoolOptions(BaseModel):
@@ -69,6 +89,10 @@ class PoolOptions(BaseModel):
     max_attempts: int = Field(3, ge=1, description="Upstreams tried per request (retries only before a token).")
     breaker_failures: int = Field(3, ge=1, description="Consecutive failures that open an upstream's breaker.")
     breaker_cooldown: float = Field(5.0, gt=0, description="Seconds an open breaker waits before a trial request.")
+    discovery_interval: float = Field(5.0, gt=0, description="Seconds between DNS lookups of discovered upstreams.")
+    discovery_timeout: float = Field(2.0, gt=0, description="Longest a DNS lookup may take.")
+    nameservers: list[str] | None = Field(None, description=(
+        "DNS servers (`host` or `host:port`) for discovery; default the system's (/etc/resolv.conf)."))
 
 
 class RoutingSpec(BaseModel):

@@ -1,5 +1,7 @@
 """`UpstreamPool`: several upstreams behind the EngineClient interface.
 
+- **Members** are listed, or discovered from DNS (a headless Service's pods; serving/upstreams/
+  balancer.py and discovery.py), which the pool follows as the Deployment scales and rolls.
 - **Health.** Every `health_interval` seconds each upstream's `GET /health` is read (feedloop workers
   also report their `model_version` there); one that fails leaves rotation until it answers 200.
 - **Balancing.** Least outstanding requests among the upstreams in rotation (ties: round robin).
@@ -17,7 +19,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -30,7 +31,8 @@ import httpx
 from serving.engine.client import EngineClient
 from serving.engine.types import EngineInfo, Routing, SamplingParams, StepOutput
 from serving.errors import EngineUnavailable, UnknownModelVersion
-from serving.upstreams.base import (CircuitBreaker, Upstream, UpstreamTimeout, is_retryable,
+from serving.upstreams.balancer import Balancer, Member, PoolCollector, Source, json_or_none
+from serving.upstreams.base import (Upstream, UpstreamTimeout, is_retryable,
                                     is_upstream_fault)
 from serving.upstreams.config import PoolOptions, UpstreamSpec
 
@@ -56,39 +58,6 @@ class RolloutRefused(RolloutFailed):
 _PENDING_NEW_VERSION: Any = object()  # rollout(): "route to whatever version the first worker reports"
 
 
-class Member:
-    """One upstream in a pool: its breaker, health and live counts."""
-
-    def __init__(self, upstream: Upstream, options: PoolOptions) -> None:
-        self.upstream = upstream
-        self.breaker = CircuitBreaker(options.breaker_failures, options.breaker_cooldown)
-        self.healthy = True  # until the first check says otherwise (start() checks before serving)
-        self.health_error: str | None = None
-        self.outstanding = 0
-        self.waiting = 0  # outstanding requests that have not had their first token yet
-        self.outcomes: Counter = Counter()  # ok | error | cancelled | refused | retried
-        self.paused = False  # a rollout reloads it: no new requests (those in flight finish)
-        self.health_body: dict | None = None  # its last successful /health answer
-
-    @property
-    def url(self) -> str:
-        return self.upstream.url
-
-    @property
-    def version(self) -> str | None:
-        return self.upstream.model_version
-
-    def in_rotation(self) -> bool:
-        return self.healthy and not self.paused and self.breaker.available()
-
-    def as_dict(self) -> dict:
-        return {"url": self.url, "kind": self.upstream.kind, "model_version": self.version,
-                "healthy": self.healthy, "health_error": self.health_error, "paused": self.paused,
-                "breaker": self.breaker.state,
-                "breaker_opened": self.breaker.opened_total, "outstanding": self.outstanding,
-                "outcomes": dict(self.outcomes)}
-
-
 def make_upstream(spec: UpstreamSpec, options: PoolOptions) -> Upstream:
     timeouts = {"connect_timeout": options.connect_timeout, "read_timeout": options.read_timeout}
     if spec.kind == "openai":
@@ -102,107 +71,6 @@ def make_upstream(spec: UpstreamSpec, options: PoolOptions) -> Upstream:
     return up
 
 
-class Balancer:
-    """Members, health checks and the choice of a member; shared by the policy and reward pools."""
-
-    def __init__(self, members: list[Member], options: PoolOptions, name: str) -> None:
-        if not members:
-            raise ValueError("a pool needs at least one upstream")
-        self.members = members
-        self.options = options
-        self.name = name
-        self._rr = itertools.count()
-        self._http: httpx.AsyncClient | None = None
-        self._health_task: asyncio.Task | None = None
-        self.retries = 0
-        self.on_health: list = []  # callbacks(member, body) after each successful check
-
-    @property
-    def http(self) -> httpx.AsyncClient:
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.options.health_timeout))
-        return self._http
-
-    async def start(self) -> None:
-        await self.check_all()
-        self._health_task = asyncio.create_task(self._health_loop(), name=f"feedloop-{self.name}-health")
-
-    async def stop(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
-            await asyncio.gather(self._health_task, return_exceptions=True)
-            self._health_task = None
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.options.health_interval)
-            try:
-                await self.check_all()
-            except Exception:  # pragma: no cover - a check must never end the loop
-                log.exception("upstream health round failed")
-
-    async def check_all(self) -> None:
-        await asyncio.gather(*(self.check(m) for m in self.members))
-
-    async def check(self, m: Member) -> None:
-        try:
-            r = await self.http.get(f"{m.url}/health")
-            ok = r.status_code == 200
-            error = None if ok else f"/health answered {r.status_code}"
-            body = _json(r) if ok else None
-        except httpx.HTTPError as exc:
-            ok, error, body = False, f"{type(exc).__name__}: {exc}", None
-        if ok and isinstance(body, dict) and isinstance(body.get("model_version"), str):
-            m.upstream.reported_version = body["model_version"]
-        if ok != m.healthy:
-            log.warning("upstream %s", "back in rotation" if ok else "left rotation (health check failed)",
-                        extra={"fl_upstream": m.url, "fl_pool": self.name, "fl_error": error})
-        m.healthy, m.health_error = ok, error
-        if ok:
-            m.health_body = body if isinstance(body, dict) else None
-            for callback in self.on_health:
-                callback(m, body)
-
-    def candidates(self, version: str | None, exclude: set[int]) -> list[Member]:
-        return [m for i, m in enumerate(self.members)
-                if i not in exclude and m.in_rotation() and (version is None or m.version == version)]
-
-    def pick(self, version: str | None, exclude: set[int]) -> Member | None:
-        """Least outstanding requests; ties in round-robin order."""
-        found = self.candidates(version, exclude)
-        if not found:
-            return None
-        least = min(m.outstanding for m in found)
-        tied = [m for m in found if m.outstanding == least]
-        return tied[next(self._rr) % len(tied)]
-
-    def index(self, m: Member) -> int:
-        return self.members.index(m)
-
-    def versions_known(self) -> set[str]:
-        return {m.version for m in self.members if m.version}
-
-    def unavailable_message(self, version: str | None, tried: list[str], last: BaseException | None) -> str:
-        which = f" serving {version}" if version else ""
-        states = ", ".join(f"{m.url} ({'unhealthy' if not m.healthy else m.breaker.state})"
-                           for m in self.members if version is None or m.version == version)
-        msg = f"no {self.name} upstream{which} can take the request (upstreams: {states or 'none'})"
-        if tried:
-            msg += f"; tried {', '.join(tried)}"
-        if last is not None:
-            msg += f"; last error: {last}"
-        return msg
-
-
-def _json(r: httpx.Response):
-    try:
-        return r.json()
-    except ValueError:
-        return None
-
 
 class UpstreamPool(EngineClient):
     """A policy served by upstream inference servers (see the module docstring).
@@ -211,9 +79,9 @@ class UpstreamPool(EngineClient):
 
     def __init__(self, upstreams: list[Upstream], tokenizer, *, options: PoolOptions | None = None,
                  routing: Routing | None = None, max_input_tokens: int = 2048, max_total_tokens: int = 4096,
-                 model_id: str = "upstreams") -> None:
+                 model_id: str = "upstreams", sources: list[Source] | None = None) -> None:
         self.options = options or PoolOptions()
-        self.balancer = Balancer([Member(u, self.options) for u in upstreams], self.options, "policy")
+        self.balancer = Balancer([Member(u, self.options) for u in upstreams], self.options, "policy", sources)
         self.tokenizer = tokenizer
         self._routing = routing
         self.max_input_tokens = max_input_tokens
@@ -226,7 +94,10 @@ class UpstreamPool(EngineClient):
     def from_specs(cls, specs: list[UpstreamSpec], tokenizer, options: PoolOptions | None = None,
                    **kwargs) -> "UpstreamPool":
         options = options or PoolOptions()
-        return cls([make_upstream(s, options) for s in specs], tokenizer, options=options, **kwargs)
+        listed = [make_upstream(s, options) for s in specs if s.discovery is None]
+        sources = [Source(s, lambda url, s=s: make_upstream(s.model_copy(update={"url": url, "discovery": None}),
+                                                             options)) for s in specs if s.discovery is not None]
+        return cls(listed, tokenizer, options=options, sources=sources, **kwargs)
 
     @property
     def members(self) -> list[Member]:
@@ -322,14 +193,14 @@ class UpstreamPool(EngineClient):
                        model_version: str | None = None) -> AsyncIterator[StepOutput]:
         version = self._version_for(model_version)
         deadline = time.monotonic() + self.options.request_timeout
-        tried: set[int] = set()
+        tried: set[Member] = set()
         tried_urls: list[str] = []
         last_error: BaseException | None = None
         while len(tried) < self.options.max_attempts:
             m = self.balancer.pick(version, tried)
             if m is None:
                 break
-            tried.add(self.balancer.index(m))
+            tried.add(m)
             tried_urls.append(m.url)
             m.breaker.acquire()
             m.outstanding += 1
@@ -428,7 +299,7 @@ class UpstreamPool(EngineClient):
                     except httpx.HTTPError as exc:
                         raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
                     if r.status_code == 409:
-                        error = (_json(r) or {}).get("error") or {}
+                        error = (json_or_none(r) or {}).get("error") or {}
                         raise RolloutRefused(m.url, error.get("code") or "refused",
                                              error.get("message") or r.text, done)
                     if r.status_code != 200:
@@ -462,36 +333,6 @@ class UpstreamPool(EngineClient):
     # -- metrics ----------------------------------------------------------------------------------
     def register_metrics(self, registry) -> None:
         """Per-upstream gauges and counters on the gateway's /metrics."""
-        registry.register(_PoolCollector(self.balancer))
+        registry.register(PoolCollector(self.balancer))
 
 
-class _PoolCollector:
-    def __init__(self, balancer: Balancer) -> None:
-        self.balancer = balancer
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        pool = self.balancer.name
-        up = GaugeMetricFamily("feedloop_upstream_healthy", "1 while the upstream passes its health check",
-                               labels=["pool", "upstream"])
-        breaker = GaugeMetricFamily("feedloop_upstream_breaker_open", "1 while the upstream's circuit breaker "
-                                    "is open or half-open", labels=["pool", "upstream"])
-        outstanding = GaugeMetricFamily("feedloop_upstream_outstanding", "Requests in flight to the upstream",
-                                        labels=["pool", "upstream"])
-        requests = CounterMetricFamily("feedloop_upstream_requests", "Requests sent to the upstream by outcome "
-                                       "(ok, error, refused, retried, cancelled)",
-                                       labels=["pool", "upstream", "outcome"])
-        retries = CounterMetricFamily("feedloop_upstream_retries", "Requests moved to another upstream before "
-                                      "their first token", labels=["pool"])
-        for m in self.balancer.members:
-            up.add_metric([pool, m.url], float(m.healthy))
-            breaker.add_metric([pool, m.url], float(m.breaker.state != CircuitBreaker.CLOSED))
-            outstanding.add_metric([pool, m.url], float(m.outstanding))
-            for outcome, n in m.outcomes.items():
-                requests.add_metric([pool, m.url, outcome], float(n))
-        retries.add_metric([pool], float(self.balancer.retries))
-        yield from (up, breaker, outstanding, requests, retries)

@@ -11,7 +11,7 @@ from serving.errors import EngineUnavailable, ValidationError
 from serving.upstreams.base import (Upstream, UpstreamGenerationError, UpstreamOverloaded, UpstreamTimeout,
                                     UpstreamUnavailable, is_retryable, is_upstream_fault)
 from serving.upstreams.config import PoolOptions, UpstreamSpec
-from serving.upstreams.pool import Balancer, Member
+from serving.upstreams.balancer import Balancer, Member, Source
 
 
 class ScoreUpstream(Upstream):
@@ -66,9 +66,10 @@ def _error_message(resp: httpx.Response) -> str:
 class RewardUpstreamPool(RewardClient):
     def __init__(self, urls: list[str] | list[UpstreamSpec], options: PoolOptions | None = None) -> None:
         self.options = options or PoolOptions()
-        ups = [ScoreUpstream(u.url, u.model_version) if isinstance(u, UpstreamSpec) else ScoreUpstream(u)
-               for u in urls]
-        self.balancer = Balancer([Member(u, self.options) for u in ups], self.options, "reward")
+        specs = [u if isinstance(u, UpstreamSpec) else UpstreamSpec(url=u) for u in urls]
+        ups = [ScoreUpstream(s.url, s.model_version) for s in specs if s.discovery is None]
+        sources = [Source(s, lambda url, s=s: ScoreUpstream(url, s.model_version)) for s in specs if s.discovery]
+        self.balancer = Balancer([Member(u, self.options) for u in ups], self.options, "reward", sources)
         self.balancer.on_health.append(self._on_health)
         self._http: httpx.AsyncClient | None = None
 
@@ -108,14 +109,14 @@ class RewardUpstreamPool(RewardClient):
     async def score(self, pairs) -> ScoreResult:
         if self._http is None:
             raise EngineUnavailable("the reward upstream pool is not started")
-        tried: set[int] = set()
+        tried: set[Member] = set()
         urls: list[str] = []
         last: BaseException | None = None
         while len(tried) < self.options.max_attempts:
             m = self.balancer.pick(None, tried)
             if m is None:
                 break
-            tried.add(self.balancer.index(m))
+            tried.add(m)
             urls.append(m.url)
             m.breaker.acquire()
             m.outstanding += 1
@@ -143,9 +144,9 @@ class RewardUpstreamPool(RewardClient):
         raise EngineUnavailable(self.balancer.unavailable_message(None, urls, None))
 
     def register_metrics(self, registry) -> None:
-        from serving.upstreams.pool import _PoolCollector
+        from serving.upstreams.balancer import PoolCollector
 
-        registry.register(_PoolCollector(self.balancer))
+        registry.register(PoolCollector(self.balancer))
 
 
 class NoReward(RewardClient):

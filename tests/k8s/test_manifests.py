@@ -408,11 +408,11 @@ def test_feedloop_settings_in_env_are_real(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_upstreams_point_at_services(overlay):
-    """FEEDLOOP_UPSTREAMS parses with the gateway's own parser and names Services of this overlay."""
-    try:
-        from serving.upstreams.config import parse_upstreams
-    except ImportError:
-        pytest.xfail("serving/upstreams (issue 6, item 1) is not in this tree yet")
+    """FEEDLOOP_UPSTREAMS parses with the gateway's own parser and names headless Services of this
+    overlay, discovered by DNS: a ClusterIP Service would hide the pods behind one address, and the
+    gateway could neither balance nor reload them one by one (a reload would land on a random pod)."""
+    from serving.upstreams.config import parse_upstreams
+
     config = parse_upstreams(named(overlay, "ConfigMap", "feedloop-upstreams")["data"]["FEEDLOOP_UPSTREAMS"])
     specs = [*config.policy, *config.reward]
     assert config.reward, "the reward workers serve /v1/score"
@@ -421,6 +421,9 @@ def test_upstreams_point_at_services(overlay):
         service = named(overlay, "Service", url.hostname)
         assert service is not None, f"{spec.url}: no such Service"
         assert url.port in {p["port"] for p in service["spec"]["ports"]}, f"{spec.url}: not a port of the Service"
+        assert spec.discovery == "dns", f"{spec.url}: the gateway must discover the pods (discovery: dns)"
+        assert service["spec"].get("clusterIP") == "None", f"{url.hostname}: must be headless (one record per pod)"
+        assert not service["spec"].get("publishNotReadyAddresses"), f"{url.hostname}: only ready pods may be members"
         kind = {"feedloop-tgi": "tgi"}.get(url.hostname, "feedloop")
         assert spec.kind == kind, f"{spec.url} is a {kind} upstream"
     assert config.tokenizer and config.tokenizer.startswith(CHECKPOINTS_PATH + "/")
@@ -434,8 +437,6 @@ def test_commands_are_real_feedloop_commands(overlay, workload, container):
     env = container_env(overlay, container)
     args = [expand(a, env) for a in container["args"]]
     if args[0] not in feedloop_subcommands():
-        if args[0] == "worker":
-            pytest.xfail("`feedloop worker` does not exist yet (issue 6, item 1: upstream engines and workers)")
         pytest.fail(f"`feedloop {args[0]}` is not a feedloop subcommand")
     try:
         parsed = build_parser().parse_args(args)

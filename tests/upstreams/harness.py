@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
 
 from feedback.store import FeedbackStore
 from serving.http.app import create_app
@@ -181,3 +183,32 @@ def serve_app(app, port: int = 0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def tgi_server(name: str, delay: float = 0.01) -> FastAPI:
+    """A TGI-compatible server (TGI's `POST /` event stream, `GET /health`) standing in for
+    text-generation-inference, which cannot run here; its tokens are `name`."""
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.post("/")
+    async def generate(request: Request) -> StreamingResponse:
+        body = await request.json()
+        n = body["parameters"]["max_new_tokens"]
+
+        async def events():
+            for i in range(n):
+                await asyncio.sleep(delay)
+                last = i == n - 1
+                event = {"token": {"id": i, "text": f"{name} ", "logprob": -0.5, "special": False},
+                         "top_tokens": None, "generated_text": f"{name} " * n if last else None,
+                         "details": {"finish_reason": "length", "generated_tokens": n, "seed": None,
+                                     "input_length": 2} if last else None}
+                yield f"data:{json.dumps(event)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

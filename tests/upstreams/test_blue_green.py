@@ -8,46 +8,14 @@ standing in for text-generation-inference, which cannot run here; it says nothin
 (as TGI), so answers carry the `model_version` configured for the pool."""
 from __future__ import annotations
 
-import asyncio
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import StreamingResponse
-
 from tests.deployment.gateway import wait_for
-from tests.upstreams.harness import free_port, run_gateway, serve_app
+from tests.upstreams.harness import free_port, run_gateway, serve_app, tgi_server
 
 OPTIONS = {"health_interval": 0.1, "health_timeout": 1, "connect_timeout": 1, "request_timeout": 30}
-
-
-def tgi_server(name: str, delay: float = 0.01) -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
-
-    @app.post("/")
-    async def generate(request: Request) -> StreamingResponse:
-        body = await request.json()
-        n = body["parameters"]["max_new_tokens"]
-
-        async def events():
-            for i in range(n):
-                await asyncio.sleep(delay)
-                last = i == n - 1
-                event = {"token": {"id": i, "text": f"{name} ", "logprob": -0.5, "special": False},
-                         "top_tokens": None, "generated_text": f"{name} " * n if last else None,
-                         "details": {"finish_reason": "length", "generated_tokens": n, "seed": None,
-                                     "input_length": 2} if last else None}
-                yield f"data:{json.dumps(event)}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
 
 
 def test_blue_green_canary_and_promotion_across_tgi_pools(tiny_model_dir, tmp_path):

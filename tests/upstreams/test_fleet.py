@@ -204,6 +204,51 @@ def test_a_promotion_in_the_registry_rolls_across_both_workers(workers, tiny_mod
         assert httpx.get(f"{w.url}/health").json()["model_version"] == "tiny-v1"
 
 
+def test_a_worker_discovered_on_another_version_is_reloaded_before_it_gets_traffic(workers, tiny_model_dir,
+                                                                                   tmp_path):
+    """Scale-up in Kubernetes: a new pod's DNS record appears, serving what its `--model` says. The
+    gateway (members from SRV records on a real DNS server) keeps it out of the routing until it has
+    reloaded it to the registry's version: no client ever gets the stale version, nothing fails."""
+    from feedback.store import FeedbackStore
+    from feedback.store.registry import ModelRegistry
+    from tests.upstreams.dns_server import DnsServer
+
+    base = model_version_of(tiny_model_dir)
+    stale = httpx.get(f"{workers[1].url}/health").json()["model_version"]
+    assert stale != base  # the promotion test moved both workers on
+    database_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = FeedbackStore(database_url)  # the registry serves the base version
+    try:
+        store.migrate()
+        ModelRegistry(store).ensure_deployed("policy", base, stage="base", checkpoint_path=str(tiny_model_dir),
+                                             checksums=checksums(tiny_model_dir), actor="test")
+    finally:
+        store.close()
+    srv = "_http._tcp.policy-worker.feedloop.test"
+    with DnsServer() as dns:
+        dns.set("pod-0.feedloop.test", "A", ["127.0.0.1"])
+        dns.set("pod-1.feedloop.test", "A", ["127.0.0.1"])
+        record = {w.url: f"0 50 {w.port} pod-{i}.feedloop.test." for i, w in enumerate(workers)}
+        dns.set(srv, "SRV", [record[workers[0].url]])
+        upstreams = {"policy": [{"url": f"http://{srv}", "discovery": "srv", "kind": "feedloop"}],
+                     "options": {**OPTIONS, "discovery_interval": 0.1, "nameservers": [dns.address]}}
+        with run_gateway(tmp_path, upstreams, tiny_model_dir, database_url=database_url, poll_interval=0.05) as gw:
+            pool = gw.services.engine
+            wait_for(lambda: httpx.get(f"{workers[0].url}/health").json()["model_version"] == base,
+                     "the first worker moved to the registry's version")
+            with Load(gw.url) as load:
+                wait_for(lambda: load.count(base) >= 4, "traffic")
+                dns.set(srv, "SRV", list(record.values()))  # the second pod becomes ready
+                wait_for(lambda: len(pool.members) == 2, "the new pod discovered")
+                wait_for(lambda: httpx.get(f"{workers[1].url}/health").json()["model_version"] == base,
+                         "the new pod reloaded to the registry's version", timeout=60)
+                wait_for(lambda: any(m.url == workers[1].url and m.outcomes["ok"] >= 3 for m in pool.members),
+                         "the new pod serving")
+            results = load.all()
+    assert [r for r in results if r[0] != 200] == []
+    assert {v for _, v, _ in results} == {base}  # the stale version never answered a client
+
+
 def test_a_new_version_rolls_across_both_workers_with_zero_failed_requests(gateway, workers, tmp_path):
     candidate = make_tiny_checkpoint(tmp_path / "candidate", seed=1)
     new = model_version_of(candidate)
