@@ -110,7 +110,7 @@ class DeploymentWatcher:
 
     def __init__(self, registry: ModelRegistry, services: Services, *, poll_interval: float = 1.0,
                  min_requests: int = 20, max_error_rate: float = 0.05, device: str = "auto",
-                 dtype: str = "auto") -> None:
+                 dtype: str = "auto", lease_ttl: float = 15.0) -> None:
         self.registry = registry
         self.services = services
         self.poll_interval = poll_interval
@@ -125,17 +125,26 @@ class DeploymentWatcher:
         self._task: asyncio.Task | None = None
         from serving.fleet import FleetDeployer  # imports this module
 
-        # upstream mode (FEEDLOOP_UPSTREAMS): the changes are rolled onto the upstream pools instead
-        self.fleet = FleetDeployer(self) if FleetDeployer.wanted_for(services) else None
+        # upstream mode (FEEDLOOP_UPSTREAMS): the changes are rolled onto the upstream pools instead,
+        # the workers reloaded by the one gateway holding the rollout lease (serving/leadership.py)
+        self.fleet = None
+        if FleetDeployer.wanted_for(services):
+            from feedback.store.leases import Leases
+            from serving.leadership import LeaderLease
+
+            self.fleet = FleetDeployer(self, lease=LeaderLease(Leases(registry.store), ttl=lease_ttl))
 
     @classmethod
     def from_settings(cls, registry: ModelRegistry, services: Services) -> "DeploymentWatcher":
         s = services.settings
         return cls(registry, services, poll_interval=s.poll_interval, min_requests=s.rollback_min_requests,
-                   max_error_rate=s.rollback_error_rate, device=s.device, dtype=s.dtype)
+                   max_error_rate=s.rollback_error_rate, device=s.device, dtype=s.dtype,
+                   lease_ttl=s.leader_lease_ttl)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.fleet is not None and self.fleet.lease is not None:
+            await self.fleet.lease.start()
         await self.sync()
         self._task = asyncio.create_task(self._run(), name="feedloop-deployments")
 
@@ -147,6 +156,8 @@ class DeploymentWatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self.fleet is not None and self.fleet.lease is not None:
+            await self.fleet.lease.stop()  # released: another gateway takes the rollouts over now
 
     def poke(self) -> None:
         """Read the registry now instead of at the next tick (an admin route just changed it)."""

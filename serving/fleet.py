@@ -25,6 +25,11 @@ Policy, for the registry's row (serving S, canary C at p %):
   than the registry's (a restarted pod comes back on its `--model`) are reloaded; until then the
   routing keeps them out. A worker that refuses then is left out (logged), not rolled back for.
 
+Several gateways, one registry: only the gateway holding the store's `fleet-rollouts` lease
+(serving/leadership.py) reloads workers; the others apply the same rows by routing only, once the
+workers' health checks report the version (until then: Pending, retried at the next poll). Reloads
+carry the lease's token, so a worker fences off a gateway that lost the lease without noticing.
+
 Reward: `feedloop worker --role reward` reloads in place too (`/v1/admin/reload` swaps the model);
 every reward worker is moved to the serving version (reward canaries are not split, as in local mode).
 
@@ -46,7 +51,7 @@ from serving.checkpoint import checksums, read_manifest
 from serving.deployment import ACTOR, Refused
 from serving.engine.types import Routing
 from serving.upstreams.balancer import Member
-from serving.upstreams.pool import RolloutFailed, RolloutRefused, UpstreamPool
+from serving.upstreams.pool import RolloutFailed, RolloutRefused, UpstreamPool, raise_for_reload
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +73,10 @@ class Pending(Exception):
 class FleetDeployer:
     """Applies registry deployments to the gateway's upstream pools (see the module docstring)."""
 
-    def __init__(self, watcher, *, ready_timeout: float = 300.0, reload_timeout: float = 600.0) -> None:
+    def __init__(self, watcher, *, ready_timeout: float = 300.0, reload_timeout: float = 600.0,
+                 lease=None) -> None:
         self.watcher = watcher
+        self.lease = lease  # LeaderLease: only its holder reloads workers (None: this gateway always does)
         self.registry = watcher.registry
         self.services = watcher.services
         self.pool: UpstreamPool = watcher.services.engine
@@ -87,6 +94,15 @@ class FleetDeployer:
     @property
     def admin_token(self) -> str | None:
         return self.services.settings.admin_token or None
+
+    @property
+    def leads(self) -> bool:
+        """Whether this gateway reloads workers (holds the rollout lease); else it only routes."""
+        return self.lease is None or self.lease.held
+
+    @property
+    def lease_token(self) -> int | None:
+        return self.lease.token if self.lease is not None else None
 
     def _reward_members(self) -> list[Member]:
         balancer = getattr(self.services.reward, "balancer", None)  # NoReward: none
@@ -216,12 +232,14 @@ class FleetDeployer:
         routing = Routing(S, pool_canary, p if pool_canary else 0.0)
         worker_canary = C if C and C not in fixed else None
         changed = False
-        if workers:
+        if workers and self.leads:  # followers wait for the leader's reloads to show in the health checks
             changed = await self._roll_workers(workers, S, worker_canary, p, routing, S in fixed, reconcile)
+        members = self.pool.members  # (discovery may have changed them meanwhile)
         missing = [v for v in routing.versions if not any(m.version == v for m in members)]
         if missing:  # never route to nothing: e.g. every worker is down, none could load it yet
             on = ", ".join(f"{m.url} {m.version or '?'}" for m in workers) or "none"
-            raise Pending(f"no upstream serves {', '.join(missing)} yet (workers: {on})")
+            who = "" if self.leads else "; the gateway holding the rollout lease reloads them"
+            raise Pending(f"no upstream serves {', '.join(missing)} yet (workers: {on}{who})")
         if self.pool.routing != routing:
             self.pool.set_routing(routing)
             changed = True
@@ -264,7 +282,8 @@ class FleetDeployer:
             if role == "policy":
                 done = await self.pool.rollout(row.checkpoint_path, version, row.checksums, self.admin_token,
                                                self.reload_timeout, canary_percent=canary_percent, routing=routing,
-                                               members=members)
+                                               members=members, lease_token=self.lease_token,
+                                               leading=lambda: self.leads)
             else:
                 done = await self._reload_reward(row.checkpoint_path, version, row.checksums, members)
         except RolloutRefused as exc:
@@ -289,7 +308,7 @@ class FleetDeployer:
                             extra={"fl_model_version": version})
             return Routing(version), False
         need = [m for m in members if m.healthy and m.version != version and (m.url, version) not in self._left_out]
-        if not need:
+        if not need or not self.leads:
             return Routing(version), False
         changed = await self._rollout("reward", version, need, None, None, False, reconcile)
         return Routing(version), changed
@@ -297,19 +316,17 @@ class FleetDeployer:
     async def _reload_reward(self, model: str, version: str, sums: dict, members: list[Member]) -> list[dict]:
         """Reward workers swap in place (a scoring call keeps the model it started with): no pause."""
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-        body = {"model": model, "version": version, "checksums": sums}
+        body = {"model": model, "version": version, "checksums": sums, "lease_token": self.lease_token}
         done: list[dict] = []
         async with httpx.AsyncClient(timeout=self.reload_timeout) as client:
             for m in members:
+                if not self.leads:
+                    raise RolloutFailed(m.url, "this gateway lost the rollout lease", done, "not_leader")
                 try:
                     r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
                 except httpx.HTTPError as exc:
                     raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
-                if r.status_code == 409:
-                    error = r.json().get("error") or {}
-                    raise RolloutRefused(m.url, error.get("code") or "refused", error.get("message") or r.text, done)
-                if r.status_code != 200:
-                    raise RolloutFailed(m.url, f"{r.status_code} {r.text[:500]}", done)
+                raise_for_reload(m.url, r, done)
                 m.upstream.reported_version = r.json()["model_version"]
                 done.append({"url": m.url, **r.json()})
                 log.info("reward worker reloaded", extra={"fl_upstream": m.url, "fl_model_version": version})
@@ -349,7 +366,8 @@ class FleetDeployer:
                               "worker_routing": r, "in_rotation": m.in_rotation(), "outstanding": m.outstanding,
                               "left_out_for": sorted(v for (u, v) in self._left_out if u == m.url)})
         status = self.watcher.roles[role]
-        return {**loaded, "mode": "upstreams", "upstreams": upstreams, "pending": self.pending[role],
+        leader = self.lease.as_dict() if self.lease is not None else {"is_leader": True}
+        return {**loaded, "mode": "upstreams", "upstreams": upstreams, "pending": self.pending[role], "leader": leader,
                 "applied_revision": status.applied_revision, "refused": dict(status.refused),
                 "registry_error": status.last_error}
 

@@ -47,6 +47,9 @@ class ServingSettings(BaseSettings):
     # Upstreams (serving/upstreams/): generation and scoring on other servers instead of in-process.
     upstreams: str | None = Field(None, description="JSON (or @file.json) naming the policy/reward "
                                   "upstreams (serving/upstreams/config.py); None: the models run in-process.")
+    leader_lease_ttl: float = Field(15.0, gt=0, description="Upstream mode with a store: seconds the "
+                                    "`fleet-rollouts` lease lasts (one gateway reloads the workers; "
+                                    "serving/leadership.py).")
     worker_role: str = Field("policy", description="`feedloop worker`: policy | reward.")
 
 

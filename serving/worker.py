@@ -9,7 +9,7 @@ A worker runs the in-process engine (the same LocalEngine, batching, lanes and r
     GET  /health, /metrics                             probes (with the served versions and the serving
                                                        checkpoint's path) and Prometheus
     POST /v1/admin/reload                              hot-swap: {"model": DIR, "version", "checksums",
-                                                                  "canary_percent"}
+                                                                  "canary_percent", "lease_token"}
 
 What it does not do: record anything (the gateway stamps completion ids and publishes completions),
 serve feedback or the model registry's admin routes. A policy worker answers /v1/score with 404
@@ -18,7 +18,9 @@ serve feedback or the model registry's admin routes. A policy worker answers /v1
 Reload: the directory is checked (every file against `checksums` — what the registry recorded —, else
 against its own manifest), loaded on a thread that then ends, added to the engine as a lane of its
 own and routed: new requests run on it while requests already running finish on the old weights,
-and the old lane is dropped once drained (serving/engine/local.py). Reloads are serialised.
+and the old lane is dropped once drained (serving/engine/local.py). Reloads are serialised. A reload
+carrying a `lease_token` lower than one seen before is refused (409 `stale_leader`): it comes from a
+gateway that lost the rollout lease to the one that sent the higher token (serving/leadership.py).
 """
 from __future__ import annotations
 
@@ -159,6 +161,8 @@ class ReloadRequest(BaseModel):
                                              "default: the directory's manifest.")
     canary_percent: float | None = Field(None, gt=0, le=100, description="Policy only: route this share of "
                                          "new requests to it and keep the serving version (a canary).")
+    lease_token: int | None = Field(None, ge=1, description="The sending gateway's rollout-lease token "
+                                    "(serving/leadership.py): lower than one seen before → 409 stale_leader.")
 
 
 _reload_lock = asyncio.Lock()
@@ -170,8 +174,13 @@ def _admin_dependency():
     return Depends(require_admin)
 
 
-def _reload_router() -> APIRouter:
+def _reload_router(services: Services) -> APIRouter:
+    from prometheus_client import Counter
+
     router = APIRouter(tags=["worker"], dependencies=[_admin_dependency()])
+    reloads = Counter("feedloop_worker_reloads", "POST /v1/admin/reload by outcome (ok, refused, stale_leader)",
+                      ["outcome"], registry=services.metrics.registry)
+    seen = {"lease_token": 0}  # the highest rollout-lease token a reload came with (serving/leadership.py)
 
     @router.post(RELOAD_PATH)
     async def reload(body: ReloadRequest, services: ServicesDep) -> JSONResponse:
@@ -182,6 +191,14 @@ def _reload_router() -> APIRouter:
         role = _role(services)
         path = Path(body.model)
         async with _reload_lock:
+            fence = seen["lease_token"]
+            if body.lease_token is not None and body.lease_token < fence:
+                reloads.labels("stale_leader").inc()
+                return error_response(RELOAD_PATH, ApiError(
+                    409, f"a gateway holding a newer rollout lease (token {fence}) has reloaded this worker; "
+                    f"token {body.lease_token} is stale", "refused", "lease_token", "stale_leader"))
+            if body.lease_token is not None:
+                seen["lease_token"] = body.lease_token
             started = time.perf_counter()
             try:
                 if role == "policy":
@@ -190,10 +207,12 @@ def _reload_router() -> APIRouter:
                     previous, version = await in_fresh_thread(lambda: _reload_reward(services, body, path,
                                                                                      verify_files))
             except Refused as exc:
+                reloads.labels("refused").inc()
                 log.warning("model version refused", extra={"fl_path": str(path), "fl_reason": exc.kind,
                                                             "fl_error": str(exc)})
                 return error_response(RELOAD_PATH, ApiError(409, str(exc), "refused", "model", exc.kind))
         seconds = time.perf_counter() - started
+        reloads.labels("ok").inc()
         answer = {"role": role, "model_version": version, "previous": previous, "load_s": round(seconds, 3)}
         if role == "policy":
             answer["routing"] = services.engine.routing.as_dict()
@@ -283,7 +302,7 @@ def create_worker_app(services: Services) -> FastAPI:
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=services.settings.max_body_bytes)
     app.add_middleware(ModelVersionHeaderMiddleware, version_for_path=version_for_path)
-    for router in (tgi.router, openai.router, score.router, ops, _reload_router()):
+    for router in (tgi.router, openai.router, score.router, ops, _reload_router(services)):
         app.include_router(router)
     return app
 

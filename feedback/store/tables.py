@@ -256,3 +256,18 @@ class TrainingRun(StoreModel, table=True):
     created_at: datetime = _ingested_at()
     updated_at: datetime = _ingested_at()
     finished_at: Optional[datetime] = Field(default=None, sa_column=Column(UTCDateTime()))
+
+
+class Lease(StoreModel, table=True):
+    """A named lease held by one process until `expires_at` (e.g. `fleet-rollouts`: the one gateway
+    that reloads the workers). Taken over only once expired, with a compare-and-set on `token`,
+    which grows by one whenever the holder changes: the fencing token a holder sends along, so a
+    worker can refuse a holder that lost the lease without knowing it (serving/leadership.py)."""
+
+    __tablename__ = "leases"
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    holder: str = Field(max_length=256)
+    token: int = 1
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    acquired_at: datetime = _ingested_at()
+    renewed_at: datetime = _ingested_at()

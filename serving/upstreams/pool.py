@@ -55,6 +55,21 @@ class RolloutRefused(RolloutFailed):
         super().__init__(url, f"refused ({code}): {message}", done, code)
 
 
+def raise_for_reload(url: str, r: httpx.Response, done: list[dict]) -> None:
+    """A worker's answer to POST /v1/admin/reload: nothing if 200; 409 is a refusal of the version
+    (`RolloutRefused`) — except `stale_leader`: the worker saw a newer rollout lease than ours, so
+    this gateway is no longer the one to reload it (`RolloutFailed`, nothing refused)."""
+    if r.status_code == 200:
+        return
+    if r.status_code == 409:
+        error = (json_or_none(r) or {}).get("error") or {}
+        code, message = error.get("code") or "refused", error.get("message") or r.text
+        if code == "stale_leader":
+            raise RolloutFailed(url, message, done, code)
+        raise RolloutRefused(url, code, message, done)
+    raise RolloutFailed(url, f"{r.status_code} {r.text[:500]}", done)
+
+
 _PENDING_NEW_VERSION: Any = object()  # rollout(): "route to whatever version the first worker reports"
 
 
@@ -265,7 +280,8 @@ class UpstreamPool(EngineClient):
     async def rollout(self, model: str, version: str | None = None, checksums: dict | None = None,
                       admin_token: str | None = None, timeout: float = 600.0, *,
                       canary_percent: float | None = None, routing: Routing | None = None,
-                      members: list[Member] | None = None) -> list[dict]:
+                      members: list[Member] | None = None, lease_token: int | None = None,
+                      leading=None) -> list[dict]:
         """Move the pool's feedloop workers (or `members`) to the checkpoint `model`, one worker at a
         time: pause (no new requests from this pool, when another upstream in rotation can take
         them) → `POST /v1/admin/reload` (the worker loads and verifies it beside the running version
@@ -278,10 +294,12 @@ class UpstreamPool(EngineClient):
         old version after the new one. Workers out of rotation are skipped (the caller reconciles
         them later). A refusal (409: checksums, load, tokenizer) stops the rollout with
         `RolloutRefused`; another failure (connection, timeout, 5xx) with `RolloutFailed`. Workers
-        already moved stay moved. TGI and OpenAI upstreams cannot reload: blue/green (serving/fleet.py)."""
+        already moved stay moved. TGI and OpenAI upstreams cannot reload: blue/green (serving/fleet.py).
+        `lease_token` goes with each reload (workers fence off older rollout leaders); `leading()`,
+        asked before each worker, stops the rollout once this gateway lost the lease."""
         if routing is None and self._routing is not None and canary_percent is None:
             routing = _PENDING_NEW_VERSION
-        body = {"model": model, "version": version, "checksums": checksums}
+        body = {"model": model, "version": version, "checksums": checksums, "lease_token": lease_token}
         if canary_percent is not None:
             body["canary_percent"] = canary_percent
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
@@ -292,18 +310,15 @@ class UpstreamPool(EngineClient):
                 if not m.healthy:
                     log.warning("rollout skips an upstream out of rotation", extra={"fl_upstream": m.url})
                     continue
+                if leading is not None and not leading():
+                    raise RolloutFailed(m.url, "this gateway lost the rollout lease", done, "not_leader")
                 m.paused = self._can_pause(m)
                 try:
                     try:
                         r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
                     except httpx.HTTPError as exc:
                         raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
-                    if r.status_code == 409:
-                        error = (json_or_none(r) or {}).get("error") or {}
-                        raise RolloutRefused(m.url, error.get("code") or "refused",
-                                             error.get("message") or r.text, done)
-                    if r.status_code != 200:
-                        raise RolloutFailed(m.url, f"{r.status_code} {r.text[:500]}", done)
+                    raise_for_reload(m.url, r, done)
                     answer = r.json()
                     m.upstream.reported_version = answer["model_version"] if canary_percent is None \
                         else (answer.get("routing") or {}).get("serving", m.upstream.reported_version)

@@ -288,6 +288,79 @@ def test_a_new_version_rolls_across_both_workers_with_zero_failed_requests(gatew
         assert httpx.get(f"{w.url}/health").json()["model_version"] == new
 
 
+def reloads(worker) -> float:
+    """The worker's successful reloads so far (its /metrics)."""
+    for line in httpx.get(f"{worker.url}/metrics").text.splitlines():
+        if line.startswith('feedloop_worker_reloads_total{outcome="ok"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_several_gateways_one_registry_only_the_lease_holder_reloads_the_workers(workers, tiny_model_dir, tmp_path):
+    """Two gateways follow one registry (the gateway Deployment runs 2-20): a promotion under load on
+    both reloads each worker once — by the gateway holding the rollout lease — and the other routes to
+    it once the workers report it, with zero failed requests on either. The holder stops: the other
+    takes the lease over and rolls the next promotion; a reload with the old holder's token is fenced."""
+    from contextlib import ExitStack
+
+    from feedback.store import FeedbackStore
+    from feedback.store.registry import ModelRegistry
+
+    database_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    v1, v2 = (write_checkpoint(tmp_path / name, lambda d, s=seed: make_tiny_checkpoint(d, seed=s),
+                               {"model_version": name, "stage": "ppo"}) for name, seed in (("lease-v1", 5), ("lease-v2", 6)))
+    store = FeedbackStore(database_url)
+    store.migrate()
+    registry = ModelRegistry(store)
+    registry.ensure_deployed("policy", model_version_of(tiny_model_dir), stage="base",
+                             checkpoint_path=str(tiny_model_dir), checksums=checksums(tiny_model_dir), actor="test")
+    for ckpt in (v1, v2):
+        store.register_version(ckpt.name, stage="ppo", role="policy", checkpoint_path=str(ckpt),
+                               checksums=read_manifest(ckpt)["files"])
+    upstreams = {"policy": [{"url": w.url, "kind": "feedloop"} for w in workers], "options": OPTIONS}
+    settings = {"database_url": database_url, "poll_interval": 0.05, "leader_lease_ttl": 1.5}
+
+    def on_all(version: str) -> bool:
+        return all(httpx.get(f"{w.url}/health").json()["model_version"] == version for w in workers)
+
+    try:
+        with ExitStack() as first_stack, ExitStack() as second_stack:
+            a = first_stack.enter_context(run_gateway(tmp_path / "a", upstreams, tiny_model_dir, **settings))
+            b = second_stack.enter_context(run_gateway(tmp_path / "b", upstreams, tiny_model_dir, **settings))
+            lease_a, lease_b = a.services.deployments.fleet.lease, b.services.deployments.fleet.lease
+            assert lease_a.held and not lease_b.held  # a started first
+            wait_for(lambda: on_all(model_version_of(tiny_model_dir)), "the workers on the registry's version")
+            before = [reloads(w) for w in workers]
+            with Load(a.url) as load_a, Load(b.url) as load_b:
+                wait_for(lambda: len(load_a.all()) >= 4 and len(load_b.all()) >= 4, "traffic on both gateways")
+                registry.promote("lease-v1", actor="test")
+                wait_for(lambda: load_a.count("lease-v1") >= 4 and load_b.count("lease-v1") >= 4,
+                         "both gateways serving the new version")
+            assert [reloads(w) - n for w, n in zip(workers, before)] == [1.0, 1.0]  # once each, by a
+            for load in (load_a, load_b):
+                assert [r for r in load.all() if r[0] != 200] == []
+            state = httpx.get(f"{b.url}/v1/admin/deployments").json()["policy"]["gateway"]
+            assert state["leader"]["is_leader"] is False and state["leader"]["holder"] == lease_a.holder
+            old_token = lease_a.token
+
+            first_stack.close()  # the holder goes (a rolling update of the gateways): it releases the lease
+            wait_for(lambda: lease_b.held, "the other gateway taking the lease over", timeout=10)
+            assert lease_b.token == old_token + 1
+            with Load(b.url) as load_b:
+                wait_for(lambda: len(load_b.all()) >= 4, "traffic")
+                registry.promote("lease-v2", actor="test")
+                wait_for(lambda: load_b.count("lease-v2") >= 4, "the new holder rolled the next promotion")
+            assert [r for r in load_b.all() if r[0] != 200] == []
+            assert on_all("lease-v2")
+            # a gateway still thinking it holds the old lease is fenced off by the workers
+            r = httpx.post(f"{workers[0].url}/v1/admin/reload", json={"model": str(v1), "lease_token": old_token},
+                           timeout=30)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "stale_leader", r.text
+            assert httpx.get(f"{workers[0].url}/health").json()["model_version"] == "lease-v2"
+    finally:
+        store.close()
+
+
 def test_killing_a_worker_mid_load_fails_only_its_requests(gateway, workers):
     pool = gateway.services.engine
     victim, survivor = workers[1], workers[0]
