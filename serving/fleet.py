@@ -11,6 +11,10 @@ Policy, for the registry's row (serving S, canary C at p %):
   never gets the old version after the new one; requests running on the old weights finish there.
   A canary that no blue/green pool serves runs inside the workers (`canary_percent`: each worker
   keeps S and sends p % of its new requests to C).
+- **SGLang** (kind `sglang`) reloads in place too: the same pause → reload → resume, through its
+  `/update_weights_from_disk` (serving/upstreams/sglang.py), after the gateway itself verified the
+  checkpoint against the registry's checksums (SGLang does not). It serves one model per server:
+  a canary on a fleet of SGLang servers only is refused (`no_pool`) unless a blue/green pool serves it.
 - **Upstreams that cannot reload** (kinds `tgi`, `openai`): blue/green. The version's pool is
   configured in FEEDLOOP_UPSTREAMS with `model_version` (ops bring it up); the gateway waits until
   one of its upstreams passes its health check (at most `ready_timeout`, polling, without blocking
@@ -48,14 +52,13 @@ import httpx
 
 from feedback.store.registry import DeploymentState
 from serving.checkpoint import checksums, read_manifest
-from serving.deployment import ACTOR, Refused
+from serving.deployment import ACTOR, Refused, verify_files
 from serving.engine.types import Routing
 from serving.upstreams.balancer import Member
-from serving.upstreams.pool import RolloutFailed, RolloutRefused, UpstreamPool, raise_for_reload
+from serving.upstreams.pool import RELOADABLE, RolloutFailed, RolloutRefused, UpstreamPool, raise_for_reload
 
 log = logging.getLogger(__name__)
 
-RELOADABLE = "feedloop"
 
 
 class VersionRefused(Refused):
@@ -86,6 +89,7 @@ class FleetDeployer:
         self.applied: dict[str, DeploymentState | None] = {"policy": None, "reward": None}
         self._waiting_since: dict[tuple[str, str], float] = {}
         self._left_out: dict[tuple[str, str], str] = {}  # (url, version) → why a worker refused it
+        self._verified: set[tuple[str, str]] = set()  # (version, path) checked for SGLang upstreams
 
     @staticmethod
     def wanted_for(services) -> bool:
@@ -115,7 +119,7 @@ class FleetDeployer:
         for role, members in (("policy", self.pool.members), ("reward", self._reward_members())):
             if not members or await asyncio.to_thread(self.registry.deployment, role) is not None:
                 continue  # nothing to register, or the registry wins
-            workers = [m for m in members if m.upstream.kind == RELOADABLE]
+            workers = [m for m in members if m.upstream.kind in RELOADABLE]
             if not workers:
                 log.warning("the registry has no deployment and no worker can say what it serves: register "
                             "and promote the fleet's version (feedloop models register / promote)",
@@ -214,10 +218,10 @@ class FleetDeployer:
         S, C = state.serving_version, state.canary_version
         p = state.canary_percent if C else 0.0
         members = self.pool.members
-        workers = [m for m in members if m.upstream.kind == RELOADABLE]
+        workers = [m for m in members if m.upstream.kind in RELOADABLE]
         fixed: dict[str, list[Member]] = {}
         for m in members:
-            if m.upstream.kind != RELOADABLE and m.version:
+            if m.upstream.kind not in RELOADABLE and m.version:
                 fixed.setdefault(m.version, []).append(m)
         for version in [S] + ([C] if C else []):
             if version in fixed:
@@ -231,6 +235,11 @@ class FleetDeployer:
         pool_canary = C if C in fixed else None
         routing = Routing(S, pool_canary, p if pool_canary else 0.0)
         worker_canary = C if C and C not in fixed else None
+        if worker_canary and not any(m.upstream.kind == "feedloop" for m in workers):
+            raise VersionRefused(C, "no_pool", (
+                f"no upstream can serve the canary {C}: SGLang servers load one model each, so a canary cannot "
+                f"be split inside them; add feedloop workers, or a blue/green pool with model_version {C!r}, "
+                f"or promote it"))
         changed = False
         if workers and self.leads:  # followers wait for the leader's reloads to show in the health checks
             changed = await self._roll_workers(workers, S, worker_canary, p, routing, S in fixed, reconcile)
@@ -255,6 +264,8 @@ class FleetDeployer:
         want = {"serving": serving, "canary": canary, "canary_percent": float(percent) if canary else 0.0}
 
         def off(m: Member, version: str) -> bool:
+            if m.upstream.kind == "sglang":  # one model per server: it serves `serving`, no canary
+                return m.healthy and m.version != serving and (m.url, version) not in self._left_out
             r = self._worker_routing(m)
             current = {"serving": m.version, "canary": None, "canary_percent": 0.0} if r is None else \
                 {"serving": r.get("serving"), "canary": r.get("canary"), "canary_percent": float(r.get("canary_percent") or 0.0)}
@@ -270,7 +281,7 @@ class FleetDeployer:
             reloaded |= await self._rollout("policy", serving, first, None, routing, served_elsewhere, reconcile)
         # 2. the canary inside the workers
         if canary is not None:
-            second = [m for m in workers if off(m, canary) and m.version == serving]
+            second = [m for m in workers if m.upstream.kind == "feedloop" and off(m, canary) and m.version == serving]
             if second:
                 reloaded |= await self._rollout("policy", canary, second, percent, routing, False, reconcile)
         return reloaded
@@ -279,6 +290,8 @@ class FleetDeployer:
                        routing: Routing | None, served_elsewhere: bool, reconcile: bool) -> bool:
         row = await self._row(role, version)
         try:
+            if any(m.upstream.kind == "sglang" for m in members):
+                await self._verify_for_sglang(version, row)
             if role == "policy":
                 done = await self.pool.rollout(row.checkpoint_path, version, row.checksums, self.admin_token,
                                                self.reload_timeout, canary_percent=canary_percent, routing=routing,
@@ -289,11 +302,31 @@ class FleetDeployer:
         except RolloutRefused as exc:
             if not (reconcile or served_elsewhere):
                 raise VersionRefused(version, exc.code, f"{exc.url} refused it: {exc.reason}") from None
-            self._left_out[(exc.url, version)] = exc.reason  # others serve it: leave this worker out
+            # others serve it: leave this worker out (the gateway's own check: every SGLang one)
+            urls = [m.url for m in members if m.upstream.kind == "sglang"] if exc.url == "gateway" else [exc.url]
+            for url in urls:
+                self._left_out[(url, version)] = exc.reason
             log.error("a worker refused the version: left out of rotation for it", extra={
                 "fl_role": role, "fl_upstream": exc.url, "fl_model_version": version, "fl_reason": exc.reason})
             return bool(exc.done)
         return bool(done)
+
+    async def _verify_for_sglang(self, version: str, row) -> None:
+        """SGLang loads whatever is in the directory: the gateway checks the files against the
+        registry's checksums first (once per version), as a feedloop worker would itself."""
+        key = (version, row.checkpoint_path)
+        if key in self._verified:
+            return
+        path = Path(row.checkpoint_path)
+        if not path.is_dir():
+            raise RolloutRefused("gateway", "checksum", (
+                f"SGLang upstreams do not verify checkpoints, and this gateway cannot read {path} to verify it "
+                f"(mount the checkpoints volume in the gateway)"), [])
+        try:
+            await asyncio.to_thread(verify_files, path, row.checksums or {})
+        except Refused as exc:
+            raise RolloutRefused("gateway", exc.kind, str(exc), []) from None
+        self._verified.add(key)
 
     # -- reward ---------------------------------------------------------------------------------
     async def _reward(self, state: DeploymentState, reconcile: bool) -> tuple[Routing, bool]:

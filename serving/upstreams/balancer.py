@@ -175,6 +175,9 @@ class Balancer:
             body = json_or_none(r) if ok else None
         except httpx.HTTPError as exc:
             ok, error, body = False, f"{type(exc).__name__}: {exc}", None
+        describe = getattr(m.upstream, "describe", None)  # SGLang: its version is on /model_info
+        if ok and describe is not None:
+            body = {**(body if isinstance(body, dict) else {}), **(await describe(self.http) or {})}
         if ok and isinstance(body, dict) and isinstance(body.get("model_version"), str):
             m.upstream.reported_version = body["model_version"]
         if ok != m.healthy and (m.source is None or m.health_error is not None or ok):

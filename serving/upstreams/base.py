@@ -119,3 +119,19 @@ class CircuitBreaker:
     def release(self) -> None:
         """The request ended with neither verdict (cancelled by the client, refused as invalid)."""
         self.trial_in_flight = False
+
+
+class RolloutFailed(RuntimeError):
+    """A worker could not be reloaded (unreachable, timeout, 5xx): try again later. `done`: the
+    workers already moved (their reload answers)."""
+
+    def __init__(self, url: str, message: str, done: list[dict], code: str = "failed") -> None:
+        super().__init__(f"rollout stopped: {url}: {message}")
+        self.url, self.reason, self.done, self.code = url, message, done, code
+
+
+class RolloutRefused(RolloutFailed):
+    """A worker refused the version (409; `code`: checksum | load | incompatible): it is never served."""
+
+    def __init__(self, url: str, code: str, message: str, done: list[dict]) -> None:
+        super().__init__(url, f"refused ({code}): {message}", done, code)

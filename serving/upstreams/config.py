@@ -18,7 +18,8 @@ JSON (the env var's value, or `@/path/to/file.json` to read it from a file):
     }
 
 - `kind`: `feedloop` (a `feedloop worker`; spoken to over its TGI routes) | `tgi` | `openai` (vLLM,
-  SGLang: `/v1/completions`). Default `feedloop`.
+  or any OpenAI-compatible server: `/v1/completions`; blue/green only) | `sglang` (OpenAI routes for
+  generation, reloaded in place through `/update_weights_from_disk`). Default `feedloop`.
 - `model_version`: the version an upstream serves when its answers do not say (`X-Model-Version`,
   which feedloop workers send; TGI and vLLM do not). Also what explicit-version requests and
   `routing` match on; feedloop workers report it on `/health` too.
@@ -50,7 +51,7 @@ class UpstreamSpec(BaseModel):
     model_config = _FORBID
 
     url: str = Field(description="Base URL, e.g. http://policy-0:8080")
-    kind: Literal["feedloop", "tgi", "openai"] = "feedloop"
+    kind: Literal["feedloop", "tgi", "openai", "sglang"] = "feedloop"
     model_version: str | None = None
     model: str | None = Field(None, description="Model name for OpenAI-compatible servers.")
     api_key: str | None = Field(None, description="Bearer token for OpenAI-compatible servers.")

@@ -24,6 +24,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,27 +33,11 @@ from serving.engine.client import EngineClient
 from serving.engine.types import EngineInfo, Routing, SamplingParams, StepOutput
 from serving.errors import EngineUnavailable, UnknownModelVersion
 from serving.upstreams.balancer import Balancer, Member, PoolCollector, Source, json_or_none
-from serving.upstreams.base import (Upstream, UpstreamTimeout, is_retryable,
+from serving.upstreams.base import (RolloutFailed, RolloutRefused, Upstream, UpstreamTimeout, is_retryable,
                                     is_upstream_fault)
 from serving.upstreams.config import PoolOptions, UpstreamSpec
 
 log = logging.getLogger(__name__)
-
-
-class RolloutFailed(RuntimeError):
-    """A worker could not be reloaded (unreachable, timeout, 5xx): try again later. `done`: the
-    workers already moved (their reload answers)."""
-
-    def __init__(self, url: str, message: str, done: list[dict], code: str = "failed") -> None:
-        super().__init__(f"rollout stopped: {url}: {message}")
-        self.url, self.reason, self.done, self.code = url, message, done, code
-
-
-class RolloutRefused(RolloutFailed):
-    """A worker refused the version (409; `code`: checksum | load | incompatible): it is never served."""
-
-    def __init__(self, url: str, code: str, message: str, done: list[dict]) -> None:
-        super().__init__(url, f"refused ({code}): {message}", done, code)
 
 
 def raise_for_reload(url: str, r: httpx.Response, done: list[dict]) -> None:
@@ -70,6 +55,8 @@ def raise_for_reload(url: str, r: httpx.Response, done: list[dict]) -> None:
     raise RolloutFailed(url, f"{r.status_code} {r.text[:500]}", done)
 
 
+RELOADABLE = ("feedloop", "sglang")  # kinds that load a new version in place (the others: blue/green)
+
 _PENDING_NEW_VERSION: Any = object()  # rollout(): "route to whatever version the first worker reports"
 
 
@@ -79,6 +66,10 @@ def make_upstream(spec: UpstreamSpec, options: PoolOptions) -> Upstream:
         from serving.upstreams.openai_upstream import OpenAIUpstream
 
         return OpenAIUpstream(spec.url, spec.model_version, model=spec.model, api_key=spec.api_key, **timeouts)
+    if spec.kind == "sglang":
+        from serving.upstreams.sglang import SGLangUpstream
+
+        return SGLangUpstream(spec.url, spec.model_version, model=spec.model, api_key=spec.api_key, **timeouts)
     from serving.upstreams.tgi import TGIUpstream
 
     up = TGIUpstream(spec.url, spec.model_version, **timeouts)
@@ -284,7 +275,8 @@ class UpstreamPool(EngineClient):
                       leading=None) -> list[dict]:
         """Move the pool's feedloop workers (or `members`) to the checkpoint `model`, one worker at a
         time: pause (no new requests from this pool, when another upstream in rotation can take
-        them) → `POST /v1/admin/reload` (the worker loads and verifies it beside the running version
+        them) → `POST /v1/admin/reload` (SGLang: `/update_weights_from_disk`, serving/upstreams/
+        sglang.py) (the worker loads and verifies it beside the running version
         and switches its new requests to it; requests already running finish on the old weights) →
         resume. `canary_percent`: the worker keeps its serving version and sends that share of its
         new requests to `model` (a canary inside the worker).
@@ -303,7 +295,7 @@ class UpstreamPool(EngineClient):
         if canary_percent is not None:
             body["canary_percent"] = canary_percent
         headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
-        todo = members if members is not None else [m for m in self.members if m.upstream.kind == "feedloop"]
+        todo = members if members is not None else [m for m in self.members if m.upstream.kind in RELOADABLE]
         done: list[dict] = []
         async with httpx.AsyncClient(timeout=timeout) as client:
             for m in todo:
@@ -314,12 +306,18 @@ class UpstreamPool(EngineClient):
                     raise RolloutFailed(m.url, "this gateway lost the rollout lease", done, "not_leader")
                 m.paused = self._can_pause(m)
                 try:
-                    try:
-                        r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
-                    except httpx.HTTPError as exc:
-                        raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
-                    raise_for_reload(m.url, r, done)
-                    answer = r.json()
+                    if m.upstream.kind == "sglang":  # its own admin API, no canary inside one server
+                        if canary_percent is not None:
+                            raise RolloutFailed(m.url, "SGLang serves one model per server: no canary inside it",
+                                                done, "incompatible")
+                        answer = await m.upstream.reload(client, model, version or Path(model).name, done)
+                    else:
+                        try:
+                            r = await client.post(f"{m.url}/v1/admin/reload", json=body, headers=headers)
+                        except httpx.HTTPError as exc:
+                            raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
+                        raise_for_reload(m.url, r, done)
+                        answer = r.json()
                     m.upstream.reported_version = answer["model_version"] if canary_percent is None \
                         else (answer.get("routing") or {}).get("serving", m.upstream.reported_version)
                     if m.health_body is not None and "routing" in answer:
