@@ -241,7 +241,7 @@ class DeploymentWatcher:
             return
         wanted = [state.serving_version] + ([state.canary_version] if state.canary_version else [])
         if role == "reward" and state.canary_version:
-            log.warning("reward canaries are not split: serving the reward version only",
+            log.warning("a reward canary in the registry (written before they were refused) is ignored",
                         extra={"fl_role": role, "fl_canary": state.canary_version})
             wanted = wanted[:1]
         for version in wanted:

@@ -35,7 +35,7 @@ workers' health checks report the version (until then: Pending, retried at the n
 carry the lease's token, so a worker fences off a gateway that lost the lease without noticing.
 
 Reward: `feedloop worker --role reward` reloads in place too (`/v1/admin/reload` swaps the model);
-every reward worker is moved to the serving version (reward canaries are not split, as in local mode).
+every reward worker is moved to the serving version (the registry refuses reward canaries).
 
 Start-up: when the registry has no deployment for a role, the version the fleet's workers report
 (with the checkpoint path their /health gives, if this gateway can read it) is registered and
@@ -332,7 +332,7 @@ class FleetDeployer:
     async def _reward(self, state: DeploymentState, reconcile: bool) -> tuple[Routing, bool]:
         version = state.serving_version
         if state.canary_version and not reconcile:
-            log.warning("reward canaries are not split: serving the reward version only",
+            log.warning("a reward canary in the registry (written before they were refused) is ignored",
                         extra={"fl_role": "reward", "fl_canary": state.canary_version})
         members = self._reward_members()
         if not members:

@@ -125,10 +125,16 @@ class ModelRegistry:
         return self._change(target.role, change, allow_missing=True)
 
     def start_canary(self, version: str, percent: float, *, actor: str = "", reason: str = "") -> DeploymentState:
-        """Send `percent` of new requests to `version`; the rest stay on the serving version."""
+        """Send `percent` of new requests to `version`; the rest stay on the serving version. Policies
+        only: a reward model is promoted (RegistryError)."""
         if not 0 < percent <= 100:
             raise RegistryError(f"canary percent must be in (0, 100], got {percent}")
         target = self._deployable(version)
+        if target.role == "reward":
+            # Scores are not answers: a client comparing scores from two calls must get them on one
+            # scale, and the loop promotes a reward model on its own held-out accuracy gate.
+            raise RegistryError(f"{version} is a reward model: reward models have no canary (two versions "
+                                f"would score on different scales); promote it")
 
         def change(session: Session, row: Deployment | None) -> Deployment:
             if row is None:

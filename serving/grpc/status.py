@@ -14,7 +14,8 @@
 | anything else      | INTERNAL           | details say "internal error"; the trace goes to the log|
 
 The trailing metadata `x-error-kind` carries FeedloopError.kind (TGI's error_type), so a client
-can tell the kinds apart without parsing details.
+can tell the kinds apart without parsing details; `x-model-version` names the version a request
+failed on, when it had one (a failed lane, an upstream).
 """
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ async def errors_as_status(context: grpc.aio.ServicerContext) -> AsyncIterator[N
     except grpc.aio.AbortError:
         raise  # the body already chose a status
     except FeedloopError as error:
-        await context.abort(status_code(error), str(error) or error.kind,
-                            trailing_metadata=(("x-error-kind", error.kind),))
+        metadata = (("x-error-kind", error.kind),)
+        if getattr(error, "model_version", None):  # the version the request failed on
+            metadata += (("x-model-version", error.model_version),)
+        await context.abort(status_code(error), str(error) or error.kind, trailing_metadata=metadata)
     except Exception:
         log.exception("unexpected error in a gRPC handler")
         await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)",

@@ -154,7 +154,11 @@ _HTTP_KIND = {404: "not_found", 405: "method_not_allowed", 413: "validation"}
 
 
 async def _on_feedloop_error(request: Request, exc: FeedloopError) -> JSONResponse:
-    return error_response(request.url.path, from_feedloop_error(request.url.path, exc))
+    # A request that failed on a version (a canary's prefill, an upstream) says which one: the
+    # middleware's default would name the serving version, which did not fail.
+    failed_on = getattr(exc, "model_version", None)
+    headers = {"X-Model-Version": failed_on} if failed_on else None
+    return error_response(request.url.path, from_feedloop_error(request.url.path, exc), headers=headers)
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -119,7 +119,8 @@ def test_a_failing_candidate_is_rolled_back_automatically(tmp_path, base_dir):
             seen = len(load.all())
             wait_for(lambda: len(load.all()) >= seen + 6, "traffic after the rollback")
         failed = [(s, v) for s, v, _ in load.all() if s != 200]
-        assert failed and {v for _, v in failed} >= {version}  # the candidate really failed requests
+        # the candidate really failed requests, and each error answer names it in X-Model-Version
+        assert failed and {v for _, v in failed} == {version}
         # the old version's requests in flight at the promotion finished: failures stay in their lane
         assert gw.services.metrics.request_outcomes(base).get("error", 0) == 0
         # each worker's last requests (sent after the rollback) all succeed on the old version
@@ -155,7 +156,8 @@ def test_a_canary_failing_at_its_first_step_is_rolled_back_and_the_serving_versi
             wait_for(lambda: all(len(w) >= n + 3 for w, n in zip(load.results, seen)), "traffic after the rollback")
         failed = [(s, b) for s, _, b in load.all() if s != 200]
         assert len(failed) >= 5 and all(s == 424 and '"generation"' in b for s, b in failed), failed[:3]
-        assert version in failed[0][1]  # the error names the version that failed
+        assert version in failed[0][1]  # the error names the version that failed, in the body and the header
+        assert {v for s, v, _ in load.all() if s != 200} == {version}
         outcomes = gw.services.metrics.request_outcomes
         assert outcomes(version).get("error", 0) == len(failed)  # counted where the watcher looks
         assert outcomes(version).get("ok", 0) == 0 and outcomes(version).get("rejected", 0) == 0

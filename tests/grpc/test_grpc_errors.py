@@ -96,6 +96,15 @@ async def test_generation_error_mid_stream_is_internal(serve):
     assert error_kind(info.value) == "generation"
 
 
+async def test_a_failure_on_a_version_names_it_in_the_trailing_metadata(serve):
+    failed = GenerationError("prefill failed on canary-v2: index out of range")
+    failed.model_version = "canary-v2"  # as LaneFailed and the upstream pool set it
+    running = await serve(FailingEngine(failed, after_first=False))
+    error = await generate_error(running, serving_pb2.GenerateRequest(text="hi"))
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert dict(error.trailing_metadata())["x-model-version"] == "canary-v2"  # not the serving fake-v1
+
+
 async def test_engine_unavailable_is_unavailable(serve):
     running = await serve(FailingEngine(EngineUnavailable("engine is stopping"), after_first=False))
     error = await generate_error(running, serving_pb2.GenerateRequest(text="hi"))

@@ -119,6 +119,10 @@ def test_policy_and_reward_deploy_independently(registry, store):
     registry.ensure_deployed("reward", "rm-0", stage="base", checkpoint_path="/ckpt/rm-0", checksums=CHECKSUMS)
     register(store, "rm-1", stage="rm")
     assert store.get_version("rm-1").role == "reward"
+    register(store, "rm-2", stage="rm")
+    with pytest.raises(RegistryError, match="reward models have no canary"):
+        registry.start_canary("rm-2", 10)
+    assert registry.deployment("reward").canary_version is None and store.get_version("rm-2").status == "candidate"
     registry.promote("rm-1")
     assert registry.deployment("reward").serving_version == "rm-1"
     assert registry.deployment("policy").serving_version == "base-1"
