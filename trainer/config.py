@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+TOO_LONG_POLICIES = ("error", "skip")  # what a stage does with a record over data.max_length
+
 
 class ConfigError(ValueError):
     """A recipe that cannot be used: unknown keys, wrong types or values out of range."""
@@ -82,13 +84,18 @@ class DataConfig:
 
     train: str = param("", "training file, e.g. DIR/sft.train.jsonl")
     heldout: str | None = param(None, "held-out file evaluated at the end (loss reported in the manifest); null: none")
-    max_length: int = param(1024, "longest sequence in tokens (prompt + response); longer records are an error, "
+    max_length: int = param(1024, "longest sequence in tokens (prompt + response); longer records: see too_long, "
                                   "never silently truncated; at most the model's context")
     batch_size: int = param(8, "sequences per micro-batch")
     shuffle: bool = param(True, "shuffle the training records each epoch (seeded by run.seed and the epoch)")
+    too_long: str = param("error", "a record over max_length: 'error' (names file:line) or 'skip' (dropped, "
+                                   "counted in the manifest's skipped_too_long_* metrics; the loop always skips: "
+                                   "the public API accepts longer prompts than a recipe trains on)")
 
     def __post_init__(self):
         _require(bool(self.train), "data.train must name the training file")
+        _require(self.too_long in TOO_LONG_POLICIES,
+                 f"data.too_long must be one of {', '.join(TOO_LONG_POLICIES)}, got {self.too_long!r}")
         _require(self.max_length >= 2, f"data.max_length must be >= 2, got {self.max_length}")
         _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
 
@@ -301,8 +308,8 @@ class RMDataConfig(DataConfig):
     train: str = param("", "training file of rankings, e.g. DIR/rm.train.jsonl")
     heldout: str | None = param(None, "held-out rankings: pairwise accuracy and loss reported in the manifest; "
                                       "null: none")
-    max_length: int = param(1024, "longest (prompt, completion) in tokens as the reward model reads it; longer "
-                                  "is an error, never silently truncated; at most the model's context")
+    max_length: int = param(1024, "longest (prompt, completion) in tokens as the reward model reads it; longer: "
+                                  "see too_long, never truncated; at most the model's context")
     batch_size: int = param(8, "prompts (ranking groups) per micro-batch; all K completions of a group go in "
                                "the same forward")
     demonstrations: str | None = param(None, "SFT file (DIR/sft.train.jsonl) whose responses score 0 on average "
@@ -345,7 +352,7 @@ class PPODataConfig(DataConfig):
     heldout: str | None = param(None, "held-out prompts: fresh rollouts of the final policy are scored and "
                                       "their mean RM score and KL reported in the manifest; null: none")
     max_length: int = param(1024, "longest prompt (chat template applied) + max_new_tokens, in tokens; a longer "
-                                  "prompt is an error, never silently truncated; at most the model's context")
+                                  "prompt: see too_long, never truncated; at most the model's context")
     batch_size: int = param(8, "rollout batch: prompts rolled out (one completion each) per PPO step")
     mini_batch_size: int = param(4, "rollouts per optimizer step inside the PPO epochs")
     ptx: str | None = param(None, "pretraining-mix text (DIR/ptx.train.jsonl, {text}) for the ptx term; "

@@ -7,17 +7,60 @@ keys are ignored, as the format allows fields to be added.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+from trainer.config import TOO_LONG_POLICIES
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IGNORE_INDEX = -100  # label of positions the loss skips (prompt and padding), as in torch's cross_entropy
 
 
 class DatasetError(ValueError):
     """A dataset file that cannot be trained on; the message starts with `file:line:`."""
+
+
+class TooLong(DatasetError):
+    """A record over the length limit: an error, or dropped where `too_long: skip` says so."""
+
+
+class Records(list):
+    """The tokenised records of one file; `skipped` counts those dropped as too long."""
+
+    skipped: int = 0
+
+
+def tokenize_records(path: str | Path, kind: str, encode: Callable[[dict, str], T], too_long: str = "error"
+                     ) -> Records:
+    """`encode(record, where)` over a file's validated records. A record `encode` finds over the
+    length limit (`TooLong`) stops the read (`too_long: error`) or is dropped and counted
+    (`skip`: feedback from the public API can be longer than a recipe's max_length, and one such
+    record must not fail every run of the loop). Truncating instead would cut the part of an answer
+    that made people prefer it. A file of nothing but too-long records is still an error."""
+    if too_long not in TOO_LONG_POLICIES:
+        raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {too_long!r}")
+    out, first = Records(), None
+    for n, record in read_records(path, kind):
+        try:
+            out.append(encode(record, f"{path}:{n}"))
+        except TooLong as exc:
+            if too_long == "error":
+                raise
+            out.skipped += 1
+            first = first or str(exc)
+    if out.skipped:
+        if not out:
+            raise DatasetError(f"{path}: all {out.skipped} records exceed the length limit (first: {first})")
+        log.warning("records over the length limit skipped", extra={
+            "fl_file": str(path), "fl_skipped": out.skipped, "fl_kept": len(out), "fl_first": first})
+    return out
 
 
 def _check_prompt(prompt, where: str) -> None:
@@ -102,6 +145,11 @@ def read_records(path: str | Path, kind: str) -> Iterator[tuple[int, dict]]:
         raise DatasetError(f"{path}: empty dataset file (no records)")
 
 
+def skipped_metrics(**loaded) -> dict[str, int]:
+    """`skipped_too_long_<name>` for each loaded file that dropped records (a stage's manifest metrics)."""
+    return {f"skipped_too_long_{name}": r.skipped for name, r in loaded.items() if getattr(r, "skipped", 0)}
+
+
 def chat_messages(prompt) -> list[dict]:
     """A prompt as chat messages: a string becomes one user turn, a message list is used as given."""
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
@@ -127,17 +175,17 @@ def tokenize_sft(record: dict, tokenizer, max_length: int, where: str = "") -> S
         # Some templates rewrite earlier turns when a reply is added; masking by length would then be wrong.
         raise DatasetError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
     if len(full_ids) > max_length:
-        raise DatasetError(f"{where}: {len(full_ids)} tokens (prompt {len(prompt_ids)} + response "
-                           f"{len(full_ids) - len(prompt_ids)}) exceed data.max_length {max_length}")
+        raise TooLong(f"{where}: {len(full_ids)} tokens (prompt {len(prompt_ids)} + response "
+                      f"{len(full_ids) - len(prompt_ids)}) exceed data.max_length {max_length}")
     if len(full_ids) == len(prompt_ids):
         raise DatasetError(f"{where}: the response adds no tokens")
     labels = [IGNORE_INDEX] * len(prompt_ids) + full_ids[len(prompt_ids):]
     return SFTExample(list(full_ids), labels)
 
 
-def load_sft(path: str | Path, tokenizer, max_length: int) -> list[SFTExample]:
+def load_sft(path: str | Path, tokenizer, max_length: int, too_long: str = "error") -> Records:
     """Read, validate and tokenise a whole SFT file (demonstration sets fit in memory as token ids)."""
-    return [tokenize_sft(r, tokenizer, max_length, f"{path}:{n}") for n, r in read_records(path, "sft")]
+    return tokenize_records(path, "sft", lambda r, where: tokenize_sft(r, tokenizer, max_length, where), too_long)
 
 
 def collate_sft(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:

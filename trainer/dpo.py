@@ -22,7 +22,7 @@ from serving.checkpoint import model_version_of
 from serving.models import resolve_device
 from trainer.checkpointing import dataset_hash, write_stage_checkpoint
 from trainer.config import DPOConfig, config_to_dict
-from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, read_records, tokenize_sft
+from trainer.data import IGNORE_INDEX, Records, SFTExample, collate_sft, skipped_metrics, tokenize_records, tokenize_sft
 from trainer.maths import dpo_loss, next_token_logprobs, sequence_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.models import check_context, load_frozen, pad_token_id, resolve_model_path
@@ -44,12 +44,12 @@ class PreferenceGroup:
         return len(self.completions) * (len(self.completions) - 1) // 2
 
 
-def load_preferences(path: str | Path, tokenizer, max_length: int) -> list[PreferenceGroup]:
-    """Read, validate (rm format: ≥ 2 completions) and tokenise a whole ranking file."""
-    return [PreferenceGroup([tokenize_sft({"prompt": r["prompt"], "response": c}, tokenizer, max_length,
-                                          f"{path}:{n}: completion {i}")
-                             for i, c in enumerate(r["completions"])])
-            for n, r in read_records(path, "rm")]
+def load_preferences(path: str | Path, tokenizer, max_length: int, too_long: str = "error") -> Records:
+    """Read, validate (rm format: ≥ 2 completions) and tokenise a whole ranking file (a ranking with a
+    completion over the limit: see `tokenize_records`)."""
+    return tokenize_records(path, "rm", lambda r, where: PreferenceGroup(
+        [tokenize_sft({"prompt": r["prompt"], "response": c}, tokenizer, max_length, f"{where}: completion {i}")
+         for i, c in enumerate(r["completions"])]), too_long)
 
 
 def completion_logprobs(model, batch: dict[str, torch.Tensor], autocast_dtype: torch.dtype | None) -> torch.Tensor:
@@ -121,8 +121,9 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = pad_token_id(tokenizer)
     check_context(model_path, config.data.max_length)
-    train = load_preferences(config.data.train, tokenizer, config.data.max_length)
-    heldout = load_preferences(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
+    max_length, too_long = config.data.max_length, config.data.too_long
+    train = load_preferences(config.data.train, tokenizer, max_length, too_long)
+    heldout = load_preferences(config.data.heldout, tokenizer, max_length, too_long) if config.data.heldout else []
     data_hash = dataset_hash(config.data.files())
     config_dict = config_to_dict(config)
 
@@ -180,7 +181,7 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
     # 6. evaluate: held-out loss, pair accuracy and reward margin, if a held-out file is given.
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_groups": len(train),
                "train_pairs": sum(g.pairs for g in train), "reference_version": model_version_of(reference_path),
-               **{f"final_{k}": v for k, v in last.items()}}
+               **{f"final_{k}": v for k, v in last.items()}, **skipped_metrics(train=train, heldout=heldout)}
     if heldout:
         held = evaluate(policy, reference, heldout, config, pad_id, device, autocast_dtype)
         metrics.update({f"heldout_{k}": v for k, v in held.items()})

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.checkpoint import model_version_of
-from trainer.config import ConfigError, config_to_dict, load_config, param
+from trainer.config import TOO_LONG_POLICIES, ConfigError, config_to_dict, load_config, param
 from trainer.evaluation import kl_to_reference, ptx_loss, rm_heldout_accuracy, win_rate
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,10 @@ class GatesConfig:
     max_new_tokens: int = param(64, "longest answer in tokens")
     temperature: float = param(1.0, "sampling temperature of the answers (KL is of the tempered policy, as in PPO)")
     seed: int = param(0, "sampling seed: answer i draws with rollout_seed(seed, 0, i), the same for both policies")
-    max_length: int = param(1024, "longest prompt + answer, ranking pair or ptx text, in tokens; longer is an "
-                                  "error of that gate, never truncated")
+    max_length: int = param(1024, "longest prompt + answer, ranking pair or ptx text, in tokens; longer: see "
+                                  "too_long, never truncated")
+    too_long: str = param("error", "a held-out record over max_length: 'error' (that gate's status is error) or "
+                                   "'skip' (left out of the measurement; the loop always skips)")
     batch_size: int = param(16, "sequences per forward (and answers generated at once)")
     strict: bool = param(False, "a gate skipped for lack of data blocks promotion; false: it is reported as "
                                 "skipped and does not block (unless no enabled gate could be evaluated at all)")
@@ -105,6 +107,8 @@ class GatesConfig:
                  f"max_length {self.max_length} leaves no room for a prompt before max_new_tokens "
                  f"{self.max_new_tokens}")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _require(self.too_long in TOO_LONG_POLICIES,
+                 f"too_long must be one of {', '.join(TOO_LONG_POLICIES)}, got {self.too_long!r}")
         _require(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be 'auto', 'fp32' or 'bf16', got {self.dtype!r}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
@@ -266,7 +270,7 @@ def measure_gates(candidate: PathLike, serving: PathLike, reference: PathLike | 
                   config: GatesConfig | None = None) -> dict[str, Measurement]:
     """Measure every enabled gate (disabled ones cost nothing); see `evaluate_gates` for the arguments."""
     config = config or GatesConfig()
-    run = dict(device=config.device, dtype=config.dtype)
+    run = dict(device=config.device, dtype=config.dtype, too_long=config.too_long)
     answers = dict(limit=config.heldout_prompts, samples_per_prompt=config.samples_per_prompt,
                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed,
                    max_length=config.max_length, batch_size=config.batch_size, **run)

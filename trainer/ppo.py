@@ -37,6 +37,7 @@ from serving.engine.engine import LocalEngine
 from serving.models import resolve_device
 from trainer.checkpointing import Position, StepPlan, dataset_hash, resume_training, write_stage_checkpoint
 from trainer.config import PPOConfig, config_to_dict
+from trainer.data import skipped_metrics
 from trainer.distributed import EngineGroup, build_engine
 from trainer.maths import (AdaptiveKLController, FixedKLController, entropy, gae, kl_penalty, masked_sum,
                            next_token_logprobs, per_token_rewards, policy_loss, ptx_loss, value_loss,
@@ -217,9 +218,10 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     pad_id = pad_token_id(tokenizer)
     check_context(policy_path, config.data.max_length)
     max_prompt = config.data.max_length - config.max_new_tokens
-    train = load_prompts(config.data.train, tokenizer, max_prompt)
-    heldout = load_prompts(config.data.heldout, tokenizer, max_prompt) if config.data.heldout else []
-    ptx = load_ptx(config.data.ptx, tokenizer, config.data.max_length) if config.data.ptx else []
+    too_long = config.data.too_long
+    train = load_prompts(config.data.train, tokenizer, max_prompt, too_long)
+    heldout = load_prompts(config.data.heldout, tokenizer, max_prompt, too_long) if config.data.heldout else []
+    ptx = load_ptx(config.data.ptx, tokenizer, config.data.max_length, too_long) if config.data.ptx else []
     data_hash = dataset_hash(config.data.files())
     config_dict = config_to_dict(config)
 
@@ -308,7 +310,8 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_prompts": len(train),
                "reward_model_version": model_version_of(reward_path),
                "reference_version": model_version_of(reference_path), "final_kl_coef": kl_controller.value,
-               **{f"final_{k}": v for k, v in last.items() if not k.endswith("_s")}}
+               **{f"final_{k}": v for k, v in last.items() if not k.endswith("_s")},
+               **skipped_metrics(train=train, heldout=heldout, ptx=ptx)}
     if heldout:
         held = evaluate_rollouts(engine, policy, reference, reward_model, tokenizer, heldout, config, pad_id, device,
                                  autocast_dtype, step=-1)

@@ -27,7 +27,7 @@ from serving.engine.reward import render_pair, reward_scores
 from serving.models import resolve_device
 from trainer.checkpointing import dataset_hash, write_stage_checkpoint
 from trainer.config import ConfigError, RMConfig, config_to_dict
-from trainer.data import DatasetError, read_records
+from trainer.data import Records, TooLong, skipped_metrics, tokenize_records
 from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
 from trainer.metrics import MetricsLog, PhaseTimer, Throughput, progress_bar
 from trainer.models import check_context, load_scalar_head, pad_token_id, resolve_model_path
@@ -47,19 +47,20 @@ def encode_pair(tokenizer, prompt, response: str, max_length: int, where: str) -
     """Token ids of (prompt, response) exactly as serving's reward client builds them."""
     ids = tokenizer.encode(render_pair(tokenizer, prompt, response), add_special_tokens=False)
     if len(ids) > max_length:
-        raise DatasetError(f"{where}: {len(ids)} tokens exceed data.max_length {max_length}")
+        raise TooLong(f"{where}: {len(ids)} tokens exceed data.max_length {max_length}")
     return ids
 
 
-def load_rankings(path, tokenizer, max_length: int) -> list[RankingGroup]:
-    """Read, validate and tokenise an rm file ({prompt, completions best→worst}, K >= 2)."""
-    return [RankingGroup([encode_pair(tokenizer, r["prompt"], c, max_length, f"{path}:{n}")
-                          for c in r["completions"]]) for n, r in read_records(path, "rm")]
+def load_rankings(path, tokenizer, max_length: int, too_long: str = "error") -> Records:
+    """Read, validate and tokenise an rm file ({prompt, completions best→worst}, K >= 2). A ranking
+    with one completion over the limit is too long as a whole (skipped whole, never cut to fewer)."""
+    return tokenize_records(path, "rm", lambda r, where: RankingGroup(
+        [encode_pair(tokenizer, r["prompt"], c, max_length, where) for c in r["completions"]]), too_long)
 
 
-def load_demonstrations(path, tokenizer, max_length: int) -> list[list[int]]:
-    return [encode_pair(tokenizer, r["prompt"], r["response"], max_length, f"{path}:{n}")
-            for n, r in read_records(path, "sft")]
+def load_demonstrations(path, tokenizer, max_length: int, too_long: str = "error") -> Records:
+    return tokenize_records(path, "sft", lambda r, where: encode_pair(tokenizer, r["prompt"], r["response"],
+                                                                       max_length, where), too_long)
 
 
 def collate(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +141,10 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
         check_same_tokenizer(tokenizer, config.policy)
     pad_id = pad_token_id(tokenizer)
     check_context(model_path, config.data.max_length)
-    train = load_rankings(config.data.train, tokenizer, config.data.max_length)
-    heldout = load_rankings(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
-    demonstrations = (load_demonstrations(config.data.demonstrations, tokenizer, config.data.max_length)
+    max_length, too_long = config.data.max_length, config.data.too_long
+    train = load_rankings(config.data.train, tokenizer, max_length, too_long)
+    heldout = load_rankings(config.data.heldout, tokenizer, max_length, too_long) if config.data.heldout else []
+    demonstrations = (load_demonstrations(config.data.demonstrations, tokenizer, max_length, too_long)
                       if config.data.demonstrations else [g.sequences[0] for g in train])
     data_hash = dataset_hash(config.data.files())
     config_dict = config_to_dict(config)
@@ -212,7 +214,8 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
 
     # 7. evaluate: held-out pairwise accuracy and loss with the final (centred) model.
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_groups": len(train), "final_loss": last_loss,
-               "reward_bias": bias, "demonstrations": len(demonstrations)}
+               "reward_bias": bias, "demonstrations": len(demonstrations),
+               **skipped_metrics(train=train, heldout=heldout, demonstrations=demonstrations)}
     if heldout:
         metrics.update(evaluate(model, heldout, config.data.batch_size, pad_id, device, autocast_dtype))
         metrics_log.write({"step": total_steps, "heldout_accuracy": metrics["heldout_accuracy"],

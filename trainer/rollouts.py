@@ -15,7 +15,7 @@ import torch
 
 from serving.engine.engine import LocalEngine, Request
 from serving.engine.types import SamplingParams, StepOutput
-from trainer.data import DatasetError, chat_messages, read_records
+from trainer.data import DatasetError, Records, TooLong, chat_messages, tokenize_records
 from trainer.reward import encode_pair, score
 
 
@@ -33,30 +33,30 @@ class Rollout:
     engine_logprobs: list[float]  # per generated token, from the engine (the trainer recomputes its own)
 
 
-def load_prompts(path, tokenizer, max_prompt_tokens: int) -> list[Prompt]:
-    """Read, validate and tokenise a prompts file ({prompt}); too long a prompt is an error."""
-    prompts = []
-    for n, record in read_records(path, "prompts"):
+def load_prompts(path, tokenizer, max_prompt_tokens: int, too_long: str = "error") -> Records:
+    """Read, validate and tokenise a prompts file ({prompt}); too long a prompt: see `tokenize_records`."""
+    def encode(record: dict, where: str) -> Prompt:
         ids = list(tokenizer.apply_chat_template(chat_messages(record["prompt"]), add_generation_prompt=True,
                                                  tokenize=True))
         if len(ids) > max_prompt_tokens:
-            raise DatasetError(f"{path}:{n}: prompt of {len(ids)} tokens exceeds data.max_length − max_new_tokens "
-                               f"({max_prompt_tokens})")
-        prompts.append(Prompt(record["prompt"], ids))
-    return prompts
+            raise TooLong(f"{where}: prompt of {len(ids)} tokens exceeds data.max_length − max_new_tokens "
+                          f"({max_prompt_tokens})")
+        return Prompt(record["prompt"], ids)
+
+    return tokenize_records(path, "prompts", encode, too_long)
 
 
-def load_ptx(path, tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids of each ptx text ({text}); longer than `max_length` is an error."""
-    texts = []
-    for n, record in read_records(path, "ptx"):
+def load_ptx(path, tokenizer, max_length: int, too_long: str = "error") -> Records:
+    """Token ids of each ptx text ({text}); longer than `max_length`: see `tokenize_records`."""
+    def encode(record: dict, where: str) -> list[int]:
         ids = tokenizer.encode(record["text"], add_special_tokens=False)
         if len(ids) > max_length:
-            raise DatasetError(f"{path}:{n}: {len(ids)} tokens exceed data.max_length {max_length}")
+            raise TooLong(f"{where}: {len(ids)} tokens exceed data.max_length {max_length}")
         if len(ids) < 2:
-            raise DatasetError(f"{path}:{n}: a ptx text needs at least 2 tokens (one to predict)")
-        texts.append(ids)
-    return texts
+            raise DatasetError(f"{where}: a ptx text needs at least 2 tokens (one to predict)")
+        return ids
+
+    return tokenize_records(path, "ptx", encode, too_long)
 
 
 def rollout_seed(seed: int, step: int, index: int) -> int:

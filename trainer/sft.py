@@ -16,7 +16,7 @@ from serving.checkpoint import model_version_of
 from serving.models import resolve_device
 from trainer.checkpointing import dataset_hash, write_stage_checkpoint
 from trainer.config import SFTConfig, config_to_dict
-from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft
+from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft, skipped_metrics
 from trainer.maths import masked_sum, next_token_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.models import check_context, pad_token_id, resolve_model_path
@@ -72,8 +72,9 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = pad_token_id(tokenizer)
     check_context(model_path, config.data.max_length)
-    train = load_sft(config.data.train, tokenizer, config.data.max_length)
-    heldout = load_sft(config.data.heldout, tokenizer, config.data.max_length) if config.data.heldout else []
+    too_long = config.data.too_long
+    train = load_sft(config.data.train, tokenizer, config.data.max_length, too_long)
+    heldout = load_sft(config.data.heldout, tokenizer, config.data.max_length, too_long) if config.data.heldout else []
     data_hash = dataset_hash(config.data.files())
     config_dict = config_to_dict(config)
 
@@ -129,7 +130,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
 
     # 6. evaluate: held-out loss per response token, if a held-out file is given.
     metrics = {"steps": total_steps, "epochs": config.epochs, "train_examples": len(train),
-               "final_loss": last_loss}
+               "final_loss": last_loss, **skipped_metrics(train=train, heldout=heldout)}
     if heldout:
         metrics["heldout_loss"] = evaluate(model, heldout, config.data.batch_size, pad_id, device, autocast_dtype)
         metrics_log.write({"step": total_steps, "heldout_loss": metrics["heldout_loss"]})

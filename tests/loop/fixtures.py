@@ -29,13 +29,15 @@ def deploy(store, policy_dir: Path) -> str:
 
 
 def write_preferences(store, *, prompts: int = 16, answers: int = 3, seed: int = 0, demos: int = 0,
-                      tag: str = "") -> int:
+                      tag: str = "", long_prompts: int = 0) -> int:
     """`answers` served completions per prompt, every pair compared by the marker rule (ties skipped).
-    Returns the number of comparisons written."""
+    `long_prompts` more prompts of ~300 tokens (over the tiny recipes' max_length 128, as the public
+    API allows). Returns the number of comparisons written."""
     rng = random.Random(seed)
     events, compared = [], 0
-    for p, topic in enumerate(TOPICS[:prompts]):
-        prompt = f"Tell me about {topic}."
+    topics = [f"Tell me about {t}." for t in TOPICS[:prompts]]
+    topics += [f"Tell me everything about {t}: " + "and then what happened next? " * 40 for t in TOPICS[:long_prompts]]
+    for p, prompt in enumerate(topics):
         ids = []
         for a in range(answers):
             cid = f"c{tag}-{p}-{a}"

@@ -94,9 +94,11 @@ def test_loop_trains_gates_and_promotes_and_records_the_run(tmp_path, store, tin
 
 def test_the_default_recipe_sft_rm_ppo_chains_its_checkpoints(tmp_path, store, tiny_model_dir):
     """The InstructGPT order on new demonstrations and comparisons: SFT from the base, the RM and the
-    PPO policy from that SFT checkpoint (the PPO reference too), the policy judged by the new RM."""
+    PPO policy from that SFT checkpoint (the PPO reference too), the policy judged by the new RM.
+    Feedback on prompts longer than the recipes' max_length (the API accepts them) is left out and
+    counted, not a failed run."""
     base = deploy(store, tiny_model_dir)
-    write_preferences(store, prompts=8, demos=2)
+    write_preferences(store, prompts=8, demos=2, long_prompts=4)
     recipes = tiny_recipes(tmp_path / "recipes", policy_stage="ppo", min_demonstrations=10)
     run = LoopService(store, load_loop_config(recipes), tmp_path / "runs").tick()
     assert run.plan == ["sft", "rm", "ppo"] and run.status == "promoted", (run.error, run.report)
@@ -108,6 +110,11 @@ def test_the_default_recipe_sft_rm_ppo_chains_its_checkpoints(tmp_path, store, t
     assert run.report["models"]["reference"] == sft.version
     assert run.report["models"]["candidate_rm"] == run.report["gates"][1]["info"]["judge"] == run.reward_version
     assert {"sft", "rm", "ppo"} <= set(run.metrics)
+    skipped = {stage: sum(v for k, v in run.metrics[stage].items() if k.startswith("skipped_too_long_"))
+               for stage in ("sft", "rm", "ppo")}
+    # 4 long prompts × (2 demonstrations | 1 ranking group | 1 prompt), split between train and held-out
+    assert skipped == {"sft": 8, "rm": 4 + 8, "ppo": 4}, run.metrics  # rm: its demonstrations too
+    assert all(g["status"] == "passed" for g in run.report["gates"]), run.report
 
 
 def test_a_failing_gate_keeps_the_candidate_rejected_with_its_reasons(tmp_path, store, tiny_model_dir):

@@ -65,6 +65,7 @@ def test_unknown_keys_are_named(tmp_path):
     ("optim: {betas: [0.9]}", "optim.betas"),
     ("run: {output_dir: out, dtype: fp16}", "run.dtype"),
     ("data: {train: t.jsonl, max_length: 1}", "data.max_length"),
+    ("data: {train: t.jsonl, too_long: truncate}", "data.too_long must be one of error, skip"),
     ("stage: rm-typo", "stage"),
 ])
 def test_bad_values_fail_clearly(tmp_path, extra, message):

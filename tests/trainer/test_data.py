@@ -5,7 +5,8 @@ import pytest
 
 from tests.tiny import bundled_tokenizer
 from tests.trainer.sft_fixtures import write_jsonl
-from trainer.data import IGNORE_INDEX, DatasetError, collate_sft, load_sft, micro_batches, read_records, tokenize_sft
+from trainer.data import (IGNORE_INDEX, DatasetError, collate_sft, load_sft, micro_batches, read_records,
+                          skipped_metrics, tokenize_sft)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +70,40 @@ def test_sequence_over_max_length_is_an_error(tmp_path, tokenizer):
                                                  {"prompt": "a", "response": "word " * 200}])
     with pytest.raises(DatasetError, match=r"sft.jsonl:2: \d+ tokens .* exceed data.max_length 128"):
         load_sft(path, tokenizer, 128)
+
+
+def test_too_long_skip_drops_and_counts_only_the_records_over_the_limit(tmp_path, tokenizer):
+    long = "word " * 200
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "a", "response": long},
+                                                 {"prompt": long, "response": "c"}, {"prompt": "d", "response": "e"}])
+    kept = load_sft(path, tokenizer, 128, too_long="skip")
+    assert kept.skipped == 2 and len(kept) == 2
+    assert [tokenizer.decode(e.input_ids).split("assistant\n")[-1].strip() for e in kept] == \
+        ["b<|im_end|>", "e<|im_end|>"]  # the short ones, in file order, untouched
+    assert skipped_metrics(train=kept, heldout=load_sft(path, tokenizer, 4096, too_long="skip")) == \
+        {"skipped_too_long_train": 2}
+    # other errors still stop the read under `skip`
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": long}, {"prompt": "a"}])
+    with pytest.raises(DatasetError, match="bad.jsonl:2: missing field 'response'"):
+        load_sft(bad, tokenizer, 128, too_long="skip")
+    only_long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "a", "response": long}])
+    with pytest.raises(DatasetError, match=r"all 1 records exceed the length limit \(first: .*long.jsonl:1: "):
+        load_sft(only_long, tokenizer, 128, too_long="skip")
+    with pytest.raises(ValueError, match="too_long must be one of"):
+        load_sft(path, tokenizer, 128, too_long="truncate")
+
+
+def test_a_ranking_with_one_completion_over_the_limit_is_skipped_whole(tmp_path, tokenizer):
+    from trainer.dpo import load_preferences
+    from trainer.reward import load_rankings
+
+    path = write_jsonl(tmp_path / "rm.jsonl", [{"prompt": "a", "completions": ["x", "y", "word " * 200]},
+                                                {"prompt": "b", "completions": ["x", "y"]}])
+    for load in (load_rankings, load_preferences):
+        groups = load(path, tokenizer, 128, "skip")
+        assert groups.skipped == 1 and len(groups) == 1  # never cut down to the completions that fit
+        with pytest.raises(DatasetError, match="rm.jsonl:1"):
+            load(path, tokenizer, 128)
 
 
 def test_collate_pads_right_and_masks_padding(tokenizer):

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 def run_gates(executor, run: TrainingRun, data: Path, outputs: dict[str, Path]) -> dict:
     config = load_gates_config(_gates_path(executor.config.gates))
     overrides = {k: v for k, v in (("device", executor.config.device), ("dtype", executor.config.dtype)) if v}
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
+    # feedback is as long as the public API allowed: a long held-out record is left out, not a failed gate
+    config = dataclasses.replace(config, too_long="skip", **overrides)
     serving = executor.serving_checkpoint("policy")
     candidate = next((outputs[s] for s in ("ppo", "dpo", "sft") if s in outputs), None)
     current_rm = _trained(executor, executor.serving_checkpoint("reward"))

@@ -119,6 +119,9 @@ class RunExecutor:
 
     def _stage_config(self, stage: str, run: TrainingRun, data: Path, outputs: dict[str, Path], out: Path):
         recipe = load_config(self.config.recipe(stage))
+        # The public API takes longer prompts than a recipe trains on: such a record is skipped (and
+        # counted in the stage's metrics), never a failed run — it would fail every later run too.
+        recipe = replace(recipe, data=replace(recipe.data, too_long="skip"))
         run_cfg = replace(recipe.run, output_dir=str(out),
                           device=self.config.device or recipe.run.device, dtype=self.config.dtype or recipe.run.dtype)
         files = {kind: (data / f"{kind}.train.jsonl", data / f"{kind}.heldout.jsonl") for kind in KINDS}
