@@ -178,9 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_command(sub)
 
     from serving.models_cli import add_models_commands
+    from serving.pools_cli import add_pools_commands
 
     add_data_commands(sub)
     add_models_commands(sub)
+    add_pools_commands(sub)
     add_train_commands(sub)
     add_loop_commands(sub)
     add_simulate_commands(sub)

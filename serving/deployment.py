@@ -179,6 +179,8 @@ class DeploymentWatcher:
     async def sync(self) -> None:
         """Register at first, apply every role's registry change, then check the watched error rate."""
         async with self._lock:
+            if self.fleet is not None:  # pools registered in the store join (or leave) first
+                await self.fleet.sync_pools()
             if not self._registered:
                 self._registered = await (self.fleet.register() if self.fleet else self._register_loaded())
             for role in ROLES:

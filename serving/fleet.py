@@ -37,6 +37,12 @@ carry the lease's token, so a worker fences off a gateway that lost the lease wi
 Reward: `feedloop worker --role reward` reloads in place too (`/v1/admin/reload` swaps the model);
 every reward worker is moved to the serving version (the registry refuses reward canaries).
 
+Registered pools (feedback/store/pools.py): at every poll, before the deployments, the pools in the
+store are made the pool's registered sources (`sync_pools`): a new pool's members join once healthy
+(so a promotion to its version waits for them as for any blue/green pool), a removed one's drain and
+leave. FEEDLOOP_UPSTREAMS' own entries stay as they are. Every gateway does this (not only the
+lease holder): each routes to the members it knows.
+
 Start-up: when the registry has no deployment for a role, the version the fleet's workers report
 (with the checkpoint path their /health gives, if this gateway can read it) is registered and
 deployed (`ensure_deployed`); otherwise the registry wins and the fleet is moved to its version.
@@ -55,6 +61,7 @@ from serving.checkpoint import checksums, read_manifest
 from serving.deployment import ACTOR, Refused, verify_files
 from serving.engine.types import Routing
 from serving.upstreams.balancer import Member
+from serving.upstreams.config import UpstreamSpec, spec_from_pool
 from serving.upstreams.pool import RELOADABLE, RolloutFailed, RolloutRefused, UpstreamPool, raise_for_reload
 
 log = logging.getLogger(__name__)
@@ -90,6 +97,8 @@ class FleetDeployer:
         self._waiting_since: dict[tuple[str, str], float] = {}
         self._left_out: dict[tuple[str, str], str] = {}  # (url, version) → why a worker refused it
         self._verified: set[tuple[str, str]] = set()  # (version, path) checked for SGLang upstreams
+        self._pools_seen: tuple | None = None  # the registered pools applied last (skip when unchanged)
+        self._bad_pools: dict[str, str] = {}  # name → why this gateway cannot use it (logged once)
 
     @staticmethod
     def wanted_for(services) -> bool:
@@ -149,6 +158,38 @@ class FleetDeployer:
             log.info("registered the fleet's version", extra={"fl_role": role, "fl_model_version": version,
                                                               "fl_registry": state.serving_version})
         return True
+
+    # -- registered pools -----------------------------------------------------------------------
+    async def sync_pools(self) -> None:
+        """Follow the pools registered in the store (module docstring). A store that cannot be read
+        leaves the members as they are (the next poll retries)."""
+        from feedback.store.pools import UpstreamPools
+
+        try:
+            records = await asyncio.to_thread(UpstreamPools(self.registry.store).list)
+        except Exception as exc:
+            log.warning("could not read the registered pools (will retry)",
+                        extra={"fl_error": f"{type(exc).__name__}: {exc}"})
+            return
+        if tuple(records) == self._pools_seen:
+            return
+        specs: dict[str, dict[str, UpstreamSpec]] = {"policy": {}, "reward": {}}
+        for record in records:
+            try:
+                specs[record.role][record.name] = spec_from_pool(record)
+            except ValueError as exc:
+                if self._bad_pools.get(record.name) != str(exc):
+                    log.error("registered pool left out: this gateway cannot use it",
+                              extra={"fl_registered_pool": record.name, "fl_error": str(exc)})
+                self._bad_pools[record.name] = str(exc)
+        await self.pool.set_registered(specs["policy"])
+        reward = self.services.reward
+        if hasattr(reward, "set_registered"):
+            await reward.set_registered(specs["reward"])
+        elif specs["reward"]:
+            log.warning("registered reward pools ignored: this gateway has no reward upstreams in "
+                        "FEEDLOOP_UPSTREAMS (add one)", extra={"fl_registered_pools": sorted(specs["reward"])})
+        self._pools_seen = tuple(records)
 
     # -- applying -------------------------------------------------------------------------------
     async def apply(self, role: str, state: DeploymentState) -> None:
@@ -396,6 +437,7 @@ class FleetDeployer:
             elif m.paused:
                 slot = "paused"
             upstreams.append({"url": m.url, "kind": m.upstream.kind, "model_version": m.version, "slot": slot,
+                              "registered_pool": m.source.name if m.source is not None else None,
                               "worker_routing": r, "in_rotation": m.in_rotation(), "outstanding": m.outstanding,
                               "left_out_for": sorted(v for (u, v) in self._left_out if u == m.url)})
         status = self.watcher.roles[role]

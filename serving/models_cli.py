@@ -62,8 +62,9 @@ def add_models_commands(subparsers) -> None:
     p.set_defaults(func=run_history)
 
 
-def _with_registry(args: argparse.Namespace, action) -> int:
-    """Open the store, run `action(registry)`, map RegistryError to exit code 2."""
+def _with_registry(args: argparse.Namespace, action, command: str | None = None) -> int:
+    """Open the store, run `action(registry)`, map RegistryError to exit code 2 (its message on stderr,
+    after `command`: default `feedloop models <subcommand>`)."""
     from feedback.datasets.cli import default_database_url
     from feedback.store import FeedbackStore
     from feedback.store.registry import ModelRegistry, RegistryError
@@ -74,7 +75,7 @@ def _with_registry(args: argparse.Namespace, action) -> int:
         store.migrate()
         return action(ModelRegistry(store))
     except (RegistryError, VersionConflict) as exc:
-        print(f"feedloop models {args.models_command}: {exc}", file=sys.stderr)
+        print(f"{command or 'feedloop models ' + args.models_command}: {exc}", file=sys.stderr)
         return 2
     finally:
         store.close()

@@ -271,3 +271,26 @@ class Lease(StoreModel, table=True):
     expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     acquired_at: datetime = _ingested_at()
     renewed_at: datetime = _ingested_at()
+
+
+UPSTREAM_KINDS = ("feedloop", "tgi", "openai", "sglang")
+
+
+class UpstreamPoolRow(StoreModel, table=True):
+    """An upstream pool registered in the store (feedback/store/pools.py): gateways in upstream mode
+    add its members beside FEEDLOOP_UPSTREAMS' and drop them (after draining) when it is removed, so
+    a blue/green pool comes and goes without restarting a gateway. `model_version` is what its
+    servers serve (required for kinds that cannot say it themselves: tgi, openai). No secrets here:
+    `api_key_env` names the gateway's environment variable that holds an OpenAI-compatible key."""
+
+    __tablename__ = "upstream_pools"
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    role: str = Field(max_length=16, index=True)
+    kind: str = Field(max_length=16)
+    url: str = Field(max_length=512)
+    discovery: Optional[str] = Field(default=None, max_length=8)  # dns | srv | None: one server at url
+    model_version: Optional[str] = Field(default=None, max_length=256)
+    model: Optional[str] = Field(default=None, max_length=256)
+    api_key_env: Optional[str] = Field(default=None, max_length=128)
+    actor: str = Field(default="", max_length=128)
+    created_at: datetime = _ingested_at()

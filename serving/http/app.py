@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from serving.http.errors import SCORE_PATH, install_error_handlers
 from serving.http.middleware import BodyLimitMiddleware, ModelVersionHeaderMiddleware, UnexpectedErrorMiddleware
-from serving.http.routers import admin, feedback, openai, ops, score, tgi
+from serving.http.routers import admin, feedback, openai, ops, pools, score, tgi
 from serving.services import Services
 
 
@@ -45,7 +45,7 @@ def create_app(services: Services, *, manage_services: bool = False) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=services.settings.max_body_bytes)
     app.add_middleware(ModelVersionHeaderMiddleware, version_for_path=version_for_path)
 
-    for module in (tgi, openai, score, feedback, ops, admin):
+    for module in (tgi, openai, score, feedback, ops, admin, pools):
         app.include_router(module.router)
     return app
 

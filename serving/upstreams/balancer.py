@@ -1,11 +1,13 @@
 """The members of a pool, their health, and the choice of one: what the policy pool
 (serving/upstreams/pool.py) and the reward pool (serving/upstreams/reward.py) share.
 
-Members are either listed (one per FEEDLOOP_UPSTREAMS entry) or *discovered*: an entry with
+Members are either listed (one per FEEDLOOP_UPSTREAMS entry) or come from a *source*: an entry with
 `discovery` stands for whatever its DNS name resolves to (serving/upstreams/discovery.py), re-read
-every `discovery_interval` seconds. A new member enters rotation once it passes its first health
-check; a member whose record went away gets no new requests, finishes the ones it has, and is
-dropped (its connections closed) when they are done.
+every `discovery_interval` seconds, and a pool registered in the store (feedback/store/pools.py,
+followed by serving/fleet.py) is a source too — its one URL, or its DNS name's records. A new member
+enters rotation once it passes its first health check; a member whose record (or registered pool)
+went away gets no new requests, finishes the ones it has, and is dropped (its connections closed)
+when they are done.
 """
 from __future__ import annotations
 
@@ -54,19 +56,23 @@ class Member:
         return self.healthy and not self.paused and self.breaker.available()
 
     def as_dict(self) -> dict:
+        source = self.source
         return {"url": self.url, "kind": self.upstream.kind, "model_version": self.version,
                 "healthy": self.healthy, "health_error": self.health_error, "paused": self.paused,
                 "breaker": self.breaker.state,
                 "breaker_opened": self.breaker.opened_total, "outstanding": self.outstanding,
                 "outcomes": dict(self.outcomes),
-                "discovered_from": self.source.spec.url if self.source is not None else None}
+                "discovered_from": source.spec.url if source is not None and source.spec.discovery else None,
+                "registered_pool": source.name if source is not None else None}
 
 
 class Source:
-    """A discovered FEEDLOOP_UPSTREAMS entry: its spec and how to make an upstream for one member URL."""
+    """Where members come from besides the listed ones: a discovered FEEDLOOP_UPSTREAMS entry, or a
+    pool registered in the store (`name`; its spec may be discovered too, or one plain URL). Holds
+    the spec and how to make an upstream for one member URL."""
 
-    def __init__(self, spec: UpstreamSpec, factory: Callable[[str], Upstream]) -> None:
-        self.spec, self.factory = spec, factory
+    def __init__(self, spec: UpstreamSpec, factory: Callable[[str], Upstream], name: str | None = None) -> None:
+        self.spec, self.factory, self.name = spec, factory, name
         self.error: str | None = None  # the last lookup's failure (members kept), None once it answers
 
 
@@ -85,7 +91,7 @@ class Balancer:
         self._http: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
         self._leaving: set[asyncio.Task] = set()
-        self._resolver = Resolver(options) if self.sources else None
+        self._resolver: Resolver | None = None
         self.retries = 0
         self.discovery_errors = 0
         self.on_health: list = []  # callbacks(member, body) after each successful check
@@ -101,9 +107,9 @@ class Balancer:
         await self.check_all()
         self._tasks.append(asyncio.create_task(self._every(self.options.health_interval, self.check_all),
                                                name=f"feedloop-{self.name}-health"))
-        if self.sources:
-            self._tasks.append(asyncio.create_task(self._every(self.options.discovery_interval, self.discover),
-                                                   name=f"feedloop-{self.name}-discovery"))
+        # always: a registered pool with DNS discovery may be added while the gateway runs
+        self._tasks.append(asyncio.create_task(self._every(self.options.discovery_interval, self.discover),
+                                               name=f"feedloop-{self.name}-discovery"))
 
     async def stop(self) -> None:
         for task in self._tasks + list(self._leaving):
@@ -125,7 +131,15 @@ class Balancer:
     # -- discovery --------------------------------------------------------------------------------
     async def discover(self) -> None:
         """Re-read every discovered entry's DNS name and add / drop members to match."""
-        for source in self.sources:
+        for source in list(self.sources):
+            await self._discover(source)
+
+    async def _discover(self, source: Source) -> None:
+        if source.spec.discovery is None:  # a registered pool of one server
+            urls = [source.spec.url]
+        else:
+            if self._resolver is None:
+                self._resolver = Resolver(self.options)
             try:
                 urls = await self._resolver.urls(source.spec)
             except DiscoveryError as exc:
@@ -134,9 +148,30 @@ class Balancer:
                     log.warning("upstream discovery failed: keeping the members found before",
                                 extra={"fl_pool": self.name, "fl_source": source.spec.url, "fl_error": str(exc)})
                 source.error = str(exc)
-                continue
+                return
             source.error = None
+        if source in self.sources:  # (removed meanwhile: its members are leaving already)
             await self._sync(source, urls)
+
+    async def set_registered(self, sources: list[Source]) -> None:
+        """Make the registered pools' sources these (by name and spec): a new one's members are
+        found and checked now, a removed or changed one's members drain and leave."""
+        wanted = {s.name: s for s in sources}
+        for old in [s for s in self.sources if s.name is not None]:
+            new = wanted.get(old.name)
+            if new is not None and new.spec == old.spec:
+                wanted.pop(old.name)
+                continue
+            self.sources.remove(old)
+            await self._sync(old, [])
+            log.info("registered pool removed: its members drain and leave", extra={
+                "fl_pool": self.name, "fl_registered_pool": old.name, "fl_url": old.spec.url})
+        for source in wanted.values():
+            self.sources.append(source)
+            log.info("registered pool added", extra={"fl_pool": self.name, "fl_registered_pool": source.name,
+                                                     "fl_url": source.spec.url, "fl_kind": source.spec.kind,
+                                                     "fl_model_version": source.spec.model_version})
+            await self._discover(source)
 
     async def _sync(self, source: Source, urls: list[str]) -> None:
         have = {m.url: m for m in self.members if m.source is source}
@@ -151,7 +186,7 @@ class Balancer:
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
         log.info("upstream members changed", extra={
-            "fl_pool": self.name, "fl_source": source.spec.url, "fl_added": [m.url for m in added],
+            "fl_pool": self.name, "fl_source": source.name or source.spec.url, "fl_added": [m.url for m in added],
             "fl_removed": [m.url for m in gone], "fl_members": [m.url for m in self.members if m.source is source]})
         await asyncio.gather(*(self.check(m) for m in added))
 
@@ -213,8 +248,9 @@ class Balancer:
                            for m in self.members if version is None or m.version == version)
         msg = f"no {self.name} upstream{which} can take the request (upstreams: {states or 'none'}"
         if self.sources:
-            msg += "; discovered from " + ", ".join(
-                s.spec.url + (f" (lookup failing: {s.error})" if s.error else "") for s in self.sources)
+            msg += "; from " + ", ".join(
+                (f"registered pool {s.name} ({s.spec.url})" if s.name else s.spec.url)
+                + (f" (lookup failing: {s.error})" if s.error else "") for s in self.sources)
         msg += ")"
         if tried:
             msg += f"; tried {', '.join(tried)}"

@@ -36,6 +36,7 @@ JSON (the env var's value, or `@/path/to/file.json` to read it from a file):
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -139,3 +140,12 @@ def parse_upstreams(value: str) -> UpstreamsConfig:
         return UpstreamsConfig.model_validate(data)
     except Exception as exc:  # pydantic's message names the field
         raise ValueError(f"FEEDLOOP_UPSTREAMS is invalid: {exc}") from exc
+
+
+def spec_from_pool(pool) -> UpstreamSpec:
+    """The UpstreamSpec of a pool registered in the store (feedback/store/pools.py `PoolRecord`); its
+    OpenAI key, if any, from the environment variable the pool names (no secrets in the store).
+    ValueError (pydantic's) for a record the gateway cannot use."""
+    api_key = os.environ.get(pool.api_key_env) if pool.api_key_env else None
+    return UpstreamSpec(url=pool.url, kind=pool.kind, model_version=pool.model_version, model=pool.model,
+                        api_key=api_key, discovery=pool.discovery)

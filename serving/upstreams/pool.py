@@ -78,6 +78,12 @@ def make_upstream(spec: UpstreamSpec, options: PoolOptions) -> Upstream:
 
 
 
+def _source(spec: UpstreamSpec, options: PoolOptions, name: str | None = None) -> Source:
+    """Members from a discovered entry or a registered pool: one upstream per URL it yields."""
+    return Source(spec, lambda url: make_upstream(spec.model_copy(update={"url": url, "discovery": None}), options),
+                  name)
+
+
 class UpstreamPool(EngineClient):
     """A policy served by upstream inference servers (see the module docstring).
 
@@ -101,9 +107,13 @@ class UpstreamPool(EngineClient):
                    **kwargs) -> "UpstreamPool":
         options = options or PoolOptions()
         listed = [make_upstream(s, options) for s in specs if s.discovery is None]
-        sources = [Source(s, lambda url, s=s: make_upstream(s.model_copy(update={"url": url, "discovery": None}),
-                                                             options)) for s in specs if s.discovery is not None]
+        sources = [_source(s, options) for s in specs if s.discovery is not None]
         return cls(listed, tokenizer, options=options, sources=sources, **kwargs)
+
+    async def set_registered(self, specs: dict[str, UpstreamSpec]) -> None:
+        """The pools registered in the store, by name (serving/fleet.py): members of new ones join
+        after their health check, those of removed ones drain and leave."""
+        await self.balancer.set_registered([_source(spec, self.options, name) for name, spec in specs.items()])
 
     @property
     def members(self) -> list[Member]:

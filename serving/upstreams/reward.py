@@ -73,6 +73,11 @@ class RewardUpstreamPool(RewardClient):
         self.balancer.on_health.append(self._on_health)
         self._http: httpx.AsyncClient | None = None
 
+    async def set_registered(self, specs: dict[str, UpstreamSpec]) -> None:
+        """Registered reward pools, by name (see `UpstreamPool.set_registered`)."""
+        await self.balancer.set_registered([Source(spec, lambda url, s=spec: ScoreUpstream(url, s.model_version), name)
+                                            for name, spec in specs.items()])
+
     def _on_health(self, m: Member, body) -> None:
         if isinstance(body, dict):
             if isinstance(body.get("reward_model_version"), str):

@@ -91,3 +91,107 @@ def test_blue_green_canary_and_promotion_across_tgi_pools(tiny_model_dir, tmp_pa
                          == "idle", "blue drained")
             assert gw.store.get_version("green").status == "serving"
             assert gw.store.get_version("blue").status == "retired"
+
+
+def test_registered_pools_come_and_go_without_restarting_the_gateway(tiny_model_dir, tmp_path, capsys):
+    """Blue/green with the pools in the store instead of FEEDLOOP_UPSTREAMS: `feedloop pools add` (and
+    the admin route) put a new TGI pool into the running gateway, which checks its health before
+    routing to it; promotion moves the traffic; a pool that serves cannot be removed; a canary's pool
+    removed by force while it streams finishes its answers, takes no new request, and the registry's
+    canary is refused and rolled back. A steady load throughout sees no failed request."""
+    from feedback.store import FeedbackStore
+    from feedback.store.registry import ModelRegistry
+    from serving.cli import main as feedloop
+
+    database_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    store = FeedbackStore(database_url)
+    store.migrate()
+    for version in ("blue", "green", "purple"):
+        store.register_version(version, stage="sft", role="policy", checkpoint_path=f"/models/{version}", checksums={})
+    ModelRegistry(store).promote("blue", actor="ops")
+    store.close()
+    with serve_app(tgi_server("blue")) as blue, serve_app(tgi_server("green")) as green, \
+            serve_app(tgi_server("purple", delay=0.02)) as purple, \
+            run_gateway(tmp_path, {"policy": [{"url": blue, "kind": "tgi", "model_version": "blue"}],
+                                   "options": OPTIONS}, tiny_model_dir, database_url=database_url,
+                        poll_interval=0.05) as gw, httpx.Client(timeout=30) as client:
+        admin = f"{gw.url}/v1/admin"
+
+        def routing() -> dict:
+            return client.get(f"{admin}/deployments").json()["policy"]["gateway"]["routing"]
+
+        def pools() -> dict:
+            return {p["name"]: p for p in client.get(f"{admin}/pools").json()["data"]}
+
+        def ask(n: int, tokens: int = 2) -> list[httpx.Response]:
+            body = {"inputs": "Hi", "parameters": {"max_new_tokens": tokens}}
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(lambda _: client.post(f"{gw.url}/generate", json=body), range(n)))
+
+        load: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def steady() -> None:
+            with httpx.Client(timeout=30) as c:
+                while not stop.is_set():
+                    r = c.post(f"{gw.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
+                    load.append((r.status_code, r.headers.get("x-model-version", "")))
+
+        loaders = [threading.Thread(target=steady) for _ in range(3)]
+        for t in loaders:
+            t.start()
+        try:
+            # 1. green registered from the shell: it joins once healthy, and takes no traffic until promoted
+            assert feedloop(["pools", "add", "green", "--url", green, "--kind", "tgi", "--model-version", "green",
+                             "--reason", "blue/green", "--database-url", database_url]) == 0
+            wait_for(lambda: [m["healthy"] for m in pools().get("green", {}).get("members") or []] == [True],
+                     "green's member healthy")
+            assert {r.headers["x-model-version"] for r in ask(8)} == {"blue"}
+            # 2. purple over the admin route; bad and duplicate pools refused with the reason
+            r = client.post(f"{admin}/pools", json={"name": "purple", "url": purple, "kind": "tgi",
+                                                     "model_version": "purple"})
+            assert r.status_code == 201 and r.json()["actor"] == "admin-api", r.text
+            r = client.post(f"{admin}/pools", json={"name": "purple", "url": purple, "kind": "tgi",
+                                                     "model_version": "purple"})
+            assert r.status_code == 409 and "exists already" in r.json()["error"]["message"]
+            r = client.post(f"{admin}/pools", json={"name": "srv", "url": "http://_http._tcp.tgi:80", "kind": "tgi",
+                                                     "model_version": "x", "discovery": "srv"})
+            assert r.status_code == 422 and "drop the port" in r.json()["error"]["message"]
+            assert client.delete(f"{admin}/pools/nope").status_code == 404
+            # 3. promotion: every request after the switch answered by green
+            assert client.post(f"{admin}/models/green/promote", json={}).status_code == 200
+            wait_for(lambda: routing()["serving"] == "green", "green serves")
+            assert {r.headers["x-model-version"] for r in ask(8)} == {"green"}
+            r = client.delete(f"{admin}/pools/green")
+            assert r.status_code == 409 and "serves green, the policy's serving version" in r.json()["error"]["message"]
+            # 4. purple as a 50 % canary, then its pool forced out while it streams long answers
+            wait_for(lambda: [m["healthy"] for m in pools()["purple"]["members"]] == [True], "purple healthy")
+            assert client.post(f"{admin}/models/purple/canary", json={"percent": 50}).status_code == 200
+            wait_for(lambda: routing()["canary"] == "purple", "canary routed")
+            long: list[httpx.Response] = []
+            streams = [threading.Thread(target=lambda: long.extend(ask(1, tokens=60))) for _ in range(8)]
+            for t in streams:
+                t.start()
+            wait_for(lambda: any(m["outstanding"] for m in pools()["purple"]["members"]), "purple streaming")
+            r = client.delete(f"{admin}/pools/purple", params={"force": "true", "reason": "bad canary"})
+            assert r.status_code == 200, r.text
+            wait_for(lambda: "purple" not in pools(), "purple unregistered")
+            assert {r.headers["x-model-version"] for r in ask(10)} == {"green"}  # nothing new to purple
+            for t in streams:
+                t.join(30)
+            assert len(long) == 8 and all(r.status_code == 200 for r in long), [r.text for r in long]
+            on_purple = [r for r in long if r.headers["x-model-version"] == "purple"]
+            assert on_purple and all(r.json()["generated_text"] == "purple " * 60 for r in on_purple)  # drained
+            wait_for(lambda: gw.store.get_version("purple").status == "rejected", "the canary rolled back")
+            wait_for(lambda: purple not in {m.url for m in gw.services.engine.members}, "purple's member gone")
+        finally:
+            stop.set()
+            for t in loaders:
+                t.join(30)
+        assert load and all(status == 200 for status, _ in load), [s for s in load if s[0] != 200][:3]
+        versions = [v for _, v in load]
+        assert versions.index("green") > 0 and "blue" not in versions[versions.index("green") + 3 * 3:]
+        events = [(e.action, e.version, e.actor) for e in ModelRegistry(gw.store).history("policy")
+                  if e.action.startswith("pool_")]
+        assert events == [("pool_removed", "purple", "admin-api"), ("pool_added", "purple", "admin-api"),
+                          ("pool_added", "green", "cli")]

@@ -67,6 +67,8 @@ async def _registry_call(fn, *args, **kwargs):
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except RegistryError as exc:
+        if isinstance(exc, LookupError):  # e.g. an unknown pool: nothing refused, nothing there
+            raise NotFound(str(exc), code=getattr(exc, "code", "not_found")) from exc
         raise HTTPException(409, str(exc)) from exc
     except (NotFound, HTTPException):
         raise

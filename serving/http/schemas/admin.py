@@ -39,3 +39,20 @@ class DeploymentOut(BaseModel):
 
 class ChangeResponse(BaseModel):
     deployment: DeploymentOut
+
+
+class PoolRequest(BaseModel):
+    """An upstream pool to register (feedback/store/pools.py); gateways follow it at their next poll."""
+
+    model_config = _FORBID
+    name: str = Field(max_length=64, description="A DNS label, e.g. tgi-v3 (pools are immutable).")
+    url: str = Field(max_length=512, description="Base URL; with `discovery`, the headless Service's name.")
+    kind: Literal["feedloop", "tgi", "openai", "sglang"]
+    role: Literal["policy", "reward"] = "policy"
+    model_version: str | None = Field(None, max_length=256, description="What its servers serve (required for "
+                                      "tgi and openai, which do not say).")
+    discovery: Literal["dns", "srv"] | None = None
+    model: str | None = Field(None, max_length=256, description="Model name OpenAI-compatible servers expect.")
+    api_key_env: str | None = Field(None, max_length=128, description="The gateways' environment variable "
+                                    "holding the server's API key (keys are never stored).")
+    reason: str = Reason

@@ -24,7 +24,7 @@ def empty_store(empty_database_url):
 def test_migrate_from_an_empty_database_to_head_records_the_schema_version(empty_store):
     assert empty_store.schema_revision() is None
     empty_store.migrate()
-    assert empty_store.schema_revision() == head_revision() == "0003"
+    assert empty_store.schema_revision() == head_revision() == "0004"
     assert set(inspect(empty_store.engine).get_table_names()) == set(StoreModel.metadata.tables) | {"alembic_version"}
     empty_store.migrate()  # at head already: nothing to do, nothing lost
     assert empty_store.schema_revision() == head_revision()
