@@ -240,16 +240,17 @@ def test_ppo_learns_a_synthetic_preference_within_a_kl_budget(tmp_path, tiny_mod
 
     # The InstructGPT pipeline in miniature. SFT: answers are "ok" + 6 words drawn uniformly from WORDS,
     # so the SFT policy writes the marker word about once per answer. RM: scores the share of marker
-    # tokens (constructed, above). PPO from the SFT policy, reference = SFT, 9 steps of 8 rollouts.
-    # Measured (2 CPU cores, ~30 s): fresh held-out score 1.71 → 23.2 with KL 7.4 nats per sequence
-    # (run.seed 1: → 17.9, KL 5.9).
+    # tokens (constructed, above). PPO from the SFT policy, reference = SFT, 12 steps of 8 rollouts.
+    # RL on 8 rollouts a step is noisy, and the same seed takes another path on another CPU: with 9
+    # steps one machine reached 1.71 → 23.2 (KL 7.4), an AMD EPYC 2.58 → 7.96 (seeds 1, 2: 16.9). With
+    # 12 steps on that EPYC (~50 s): seeds 0, 1, 2 → 16.8, 23.1, 24.0 with KL 6.1, 9.5, 9.4 nats.
     rng = random.Random(0)
     demos = [{"prompt": f"Tell me about {rng.choice(TOPICS)}.", "response": "ok" + "".join(rng.choice(WORDS) for _ in range(6))}
              for _ in range(48)]
     sft = run_sft(tiny_sft_config(tmp_path / "sft", tiny_model_dir, records=demos, epochs=10, run={"save_every": 0}))
     (marker_id,) = AutoTokenizer.from_pretrained(sft).encode(MARKER, add_special_tokens=False)
     reward_dir = make_marker_reward_model(sft, tmp_path / "marker-rm", marker_id)
-    config = tiny_ppo_config(tmp_path / "ppo", sft, reward_dir, records=prompts((TOPICS * 2)[:24]), epochs=3,
+    config = tiny_ppo_config(tmp_path / "ppo", sft, reward_dir, records=prompts((TOPICS * 2)[:24]), epochs=4,
                              optim={"lr": 5e-4}, data={"batch_size": 8, "mini_batch_size": 4}, run={"save_every": 0})
     path = run_ppo(config)
 
