@@ -15,17 +15,22 @@ from pathlib import Path
 ACTOR = "cli"
 
 
+def store_command(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand working on the store: `--database-url` and `--json` (also `feedloop pools`)."""
+    p = commands.add_parser(name, help=help)
+    p.add_argument("--database-url", default=None,
+                   help="sqlite:///path or postgresql://… (default: FEEDLOOP_DATABASE_URL, else "
+                        "<data dir>/feedloop.db)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
 def add_models_commands(subparsers) -> None:
     models = subparsers.add_parser("models", help="the model registry: list, register, promote, canary, rollback")
     commands = models.add_subparsers(dest="models_command", required=True)
 
     def command(name: str, help: str):
-        p = commands.add_parser(name, help=help)
-        p.add_argument("--database-url", default=None,
-                       help="sqlite:///path or postgresql://… (default: FEEDLOOP_DATABASE_URL, else "
-                            "<data dir>/feedloop.db)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        return p
+        return store_command(commands, name, help)
 
     p = command("list", "registered versions, with the deployments")
     p.add_argument("--role", choices=("policy", "reward"))

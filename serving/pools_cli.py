@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from serving.models_cli import ACTOR, _table, _with_registry
+from serving.models_cli import ACTOR, _table, _with_registry, store_command
 
 COLUMNS = ["name", "role", "kind", "url", "discovery", "model_version", "actor", "created_at"]
 
@@ -21,12 +21,7 @@ def add_pools_commands(subparsers) -> None:
     commands = pools.add_subparsers(dest="pools_command", required=True)
 
     def command(name: str, help: str):
-        p = commands.add_parser(name, help=help)
-        p.add_argument("--database-url", default=None,
-                       help="sqlite:///path or postgresql://… (default: FEEDLOOP_DATABASE_URL, else "
-                            "<data dir>/feedloop.db)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        return p
+        return store_command(commands, name, help)
 
     p = command("list", "registered pools, oldest first")
     p.add_argument("--role", choices=("policy", "reward"))

@@ -96,6 +96,31 @@ def test_models_cli_lists_registers_and_exits_2_on_registry_errors(tmp_path, can
     assert listed["deployments"]["policy"]["serving_version"] == registered["version"]
 
 
+def test_pools_cli_registers_lists_and_removes_and_exits_2_with_the_reason(tmp_path, capsys):
+    db = ["--database-url", f"sqlite:///{tmp_path / 'feedloop.db'}"]
+    assert feedloop(["pools", "add", "tgi-v2", "--url", "http://tgi-v2:8080/", "--kind", "tgi", "--model-version",
+                     "v2", "--discovery", "dns", "--json", *db]) == 0
+    added = json.loads(capsys.readouterr().out)
+    assert (added["name"], added["url"], added["discovery"], added["actor"]) == (
+        "tgi-v2", "http://tgi-v2:8080", "dns", "cli")
+    for argv, message in [
+        (["add", "tgi-v3", "--url", "http://tgi:8080", "--kind", "tgi"], "a tgi pool needs model_version"),
+        (["add", "tgi-v3", "--url", "http://_http._tcp.tgi:80", "--kind", "tgi", "--model-version", "v3",
+          "--discovery", "srv"], "srv discovery takes the port from the SRV records"),
+        (["add", "tgi-v2", "--url", "http://x:1", "--kind", "tgi", "--model-version", "v2"], "exists already"),
+        (["remove", "tgi-v9"], "no pool tgi-v9 (registered: tgi-v2)"),
+    ]:
+        assert feedloop(["pools", *argv, *db]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"feedloop pools {argv[0]}: ") and message in err and "Value error" not in err, err
+    assert feedloop(["pools", "list", "--json", *db]) == 0
+    assert [p["name"] for p in json.loads(capsys.readouterr().out)] == ["tgi-v2"]
+    assert feedloop(["pools", "remove", "tgi-v2", "--reason", "drained", *db]) == 0
+    assert "tgi-v2" in capsys.readouterr().out
+    assert feedloop(["pools", "list", "--json", *db]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
 def test_a_version_is_served_only_if_its_files_match_the_registry_and_the_manifest(tmp_path, candidate_dir):
     copy = shutil.copytree(candidate_dir, tmp_path / "copy")
     recorded = checksums(copy)
