@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from feedback.store.registry import RegistryError
 from serving.models_cli import ACTOR, _table, _with_registry, store_command
+from serving.upstreams.config import spec_problem
 
 COLUMNS = ["name", "role", "kind", "url", "discovery", "model_version", "actor", "created_at"]
 
@@ -65,13 +67,16 @@ def run_list(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     from serving.upstreams.config import UpstreamSpec
 
+    problem = None
     try:  # the gateway's own check of a spec (e.g. an SRV name without a port), before anything is written
         UpstreamSpec(url=args.url, kind=args.kind, model_version=args.model_version, model=args.model,
                      discovery=args.discovery)
     except ValueError as exc:
-        return _with_registry(args, lambda registry: _refuse(exc), "feedloop pools add")
+        problem = spec_problem(exc)
 
     def action(registry) -> int:
+        if problem is not None:
+            raise RegistryError(problem)
         record = _pools(registry).add(args.name, role=args.role, kind=args.kind, url=args.url,
                                       discovery=args.discovery, model_version=args.model_version, model=args.model,
                                       api_key_env=args.api_key_env, actor=ACTOR, reason=args.reason)
@@ -83,10 +88,3 @@ def run_add(args: argparse.Namespace) -> int:
 def run_remove(args: argparse.Namespace) -> int:
     return _with_registry(args, lambda registry: _print(args, [_pools(registry).remove(
         args.name, actor=ACTOR, reason=args.reason, force=args.force)]), "feedloop pools remove")
-
-
-def _refuse(exc: ValueError) -> int:
-    from feedback.store.registry import RegistryError
-
-    errors = getattr(exc, "errors", None)
-    raise RegistryError("; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if errors else str(exc))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 from feedback.datasets.export import KINDS, export
 from feedback.store import FeedbackStore

@@ -149,3 +149,9 @@ def spec_from_pool(pool) -> UpstreamSpec:
     api_key = os.environ.get(pool.api_key_env) if pool.api_key_env else None
     return UpstreamSpec(url=pool.url, kind=pool.kind, model_version=pool.model_version, model=pool.model,
                         api_key=api_key, discovery=pool.discovery)
+
+
+def spec_problem(exc: ValueError) -> str:
+    """What a failed UpstreamSpec validation says, as one sentence (pydantic's messages, unprefixed)."""
+    errors = getattr(exc, "errors", None)
+    return "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if errors else str(exc)

@@ -2,7 +2,6 @@
 run, learning a synthetic preference with a bounded KL, and the ptx term keeping the ptx loss down."""
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from trainer.checkpointing import latest_training_state
 from trainer.config import ConfigError, PPOConfig, load_config
 from trainer.metrics import read_metrics
 from trainer.ppo import run_ppo
-from trainer.rollouts import generate, load_prompts, score_rollouts
+from trainer.rollouts import load_prompts
 
 STEP_KEYS = {"step", "score", "kl", "entropy", "clip_fraction", "value_loss", "policy_loss", "ptx_loss", "kl_coef",
              "tokens_per_s"}

@@ -363,7 +363,7 @@ def test_several_gateways_one_registry_only_the_lease_holder_reloads_the_workers
 
 def test_killing_a_worker_mid_load_fails_only_its_requests(gateway, workers):
     pool = gateway.services.engine
-    victim, survivor = workers[1], workers[0]
+    victim = workers[1]  # workers[0] survives
     body = {"inputs": "Hello there", "parameters": {"max_new_tokens": 40}}
     results: list[tuple[float, float, int, str]] = []  # started, ended, status, error text
     stop = threading.Event()

@@ -49,15 +49,13 @@ async def list_pools(services: ServicesDep) -> JSONResponse:
 @router.post("", status_code=201)
 async def add_pool(body: PoolRequest, services: ServicesDep) -> JSONResponse:
     """Register a pool; gateways add its servers once they pass their health check."""
-    from serving.upstreams.config import UpstreamSpec
+    from serving.upstreams.config import UpstreamSpec, spec_problem
 
     try:  # the gateway's own check of the spec (e.g. SRV names) before anything is written
         UpstreamSpec(url=body.url, kind=body.kind, model_version=body.model_version, model=body.model,
                      discovery=body.discovery)
     except ValueError as exc:
-        errors = getattr(exc, "errors", None)
-        raise HTTPException(422, "; ".join(e["msg"].removeprefix("Value error, ") for e in errors())
-                            if errors else str(exc)) from None
+        raise HTTPException(422, spec_problem(exc)) from None
     fields = body.model_dump(exclude={"name", "reason"})
     record = await _registry_call(_pools(services).add, body.name, **fields, actor=ACTOR, reason=body.reason)
     log.info("pool registered", extra={"fl_registered_pool": body.name, "fl_actor": ACTOR})
