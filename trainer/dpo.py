@@ -26,7 +26,7 @@ from trainer.data import IGNORE_INDEX, Records, SFTExample, collate_sft, skipped
 from trainer.maths import dpo_loss, next_token_logprobs, sequence_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.models import check_context, load_frozen, pad_token_id, resolve_model_path
-from trainer.stage import begin_stage, make_trainable, prepare_training
+from trainer.stage import StepInterrupts, begin_stage, make_trainable, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
     last: dict[str, float] = {}
     bar = progress_bar(total_steps, position.step, "dpo")
     step = position.step
+    interrupts = StepInterrupts(log)
     try:
         while step < total_steps:
             epoch, window = plan.window(step)  # the order depends only on (seed, epoch): nothing to replay
@@ -171,11 +172,13 @@ def run_dpo(config: DPOConfig, resume: bool = False, stop_at_step: int | None = 
                 return save_state(step)
             if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
                 save_state(step)
+            interrupts.at_step_end()  # a Ctrl-C during the step takes effect here
     except KeyboardInterrupt:
-        if step > position.step:  # keep the finished steps; the partial one is redone on resume
+        if step > position.step and interrupts.whole_steps:  # keep the finished steps
             log.warning("interrupted: training state saved at %s", save_state(step))
         raise
     finally:
+        interrupts.close()
         bar.close()
 
     # 6. evaluate: held-out loss, pair accuracy and reward margin, if a held-out file is given.

@@ -47,7 +47,7 @@ from trainer.models import check_context, load_frozen, load_scalar_head, pad_tok
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.reward import check_same_tokenizer
 from trainer.rollouts import collate_rollouts, generate, load_prompts, load_ptx, score_rollouts
-from trainer.stage import begin_stage
+from trainer.stage import StepInterrupts, begin_stage
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
     last: dict = {}
     bar = progress_bar(total_steps, position.step, "ppo")
     step = position.step
+    interrupts = StepInterrupts(log)
     try:
         while step < total_steps:
             epoch, (batch,) = plan.window(step)  # the order depends only on (seed, epoch)
@@ -297,11 +298,13 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_at_step: int | None = 
                 return save_state(step)
             if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
                 save_state(step)
+            interrupts.at_step_end()  # a Ctrl-C during the step takes effect here
     except KeyboardInterrupt:
-        if step > position.step:  # keep the finished steps; the partial one is redone on resume
+        if step > position.step and interrupts.whole_steps:  # keep the finished steps
             log.warning("interrupted: training state saved at %s", save_state(step))
         raise
     finally:
+        interrupts.close()
         bar.close()
 
     # 6. evaluate: fresh rollouts on the held-out prompts; the policy's loss on the ptx text.

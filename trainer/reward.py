@@ -31,7 +31,7 @@ from trainer.data import Records, TooLong, skipped_metrics, tokenize_records
 from trainer.maths import pad_groups, pairwise_accuracy, ranking_loss
 from trainer.metrics import MetricsLog, PhaseTimer, Throughput, progress_bar
 from trainer.models import check_context, load_scalar_head, pad_token_id, resolve_model_path
-from trainer.stage import begin_stage, make_trainable, prepare_training
+from trainer.stage import StepInterrupts, begin_stage, make_trainable, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
     timer = PhaseTimer(device)  # forward, backward and optimizer seconds of each step, in its metrics line
     bar = progress_bar(total_steps, position.step, "rm")
     step = position.step
+    interrupts = StepInterrupts(log)
     try:
         while step < total_steps:
             step_start = time.perf_counter()
@@ -199,11 +200,13 @@ def run_rm(config: RMConfig, resume: bool = False, stop_at_step: int | None = No
                 return save_state(step)
             if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
                 save_state(step)
+            interrupts.at_step_end()  # a Ctrl-C during the step takes effect here
     except KeyboardInterrupt:
-        if step > position.step:  # keep the finished steps; the partial one is redone on resume
+        if step > position.step and interrupts.whole_steps:  # keep the finished steps
             log.warning("interrupted: training state saved at %s", save_state(step))
         raise
     finally:
+        interrupts.close()
         bar.close()
 
     # 6. centre: demonstrations score 0 on average (rankings only fix differences, not the level).

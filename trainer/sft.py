@@ -20,7 +20,7 @@ from trainer.data import IGNORE_INDEX, SFTExample, collate_sft, load_sft, skippe
 from trainer.maths import masked_sum, next_token_logprobs
 from trainer.metrics import MetricsLog, Throughput, progress_bar
 from trainer.models import check_context, pad_token_id, resolve_model_path
-from trainer.stage import begin_stage, make_trainable, prepare_training
+from trainer.stage import StepInterrupts, begin_stage, make_trainable, prepare_training
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
     last_loss = None
     bar = progress_bar(total_steps, position.step, "sft")
     step = position.step
+    interrupts = StepInterrupts(log)
     try:
         while step < total_steps:
             epoch, window = plan.window(step)  # the order depends only on (seed, epoch): nothing to replay
@@ -120,12 +121,14 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_at_step: int | None = 
                 return save_state(step)
             if config.run.save_every and step % config.run.save_every == 0 and step < total_steps:
                 save_state(step)
+            interrupts.at_step_end()  # a Ctrl-C during the step takes effect here
     except KeyboardInterrupt:
         # Keep the work done: the steps finished so far are saved, the partial one is redone on resume.
-        if step > position.step:
+        if step > position.step and interrupts.whole_steps:
             log.warning("interrupted: training state saved at %s", save_state(step))
         raise
     finally:
+        interrupts.close()
         bar.close()
 
     # 6. evaluate: held-out loss per response token, if a held-out file is given.

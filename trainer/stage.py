@@ -1,11 +1,13 @@
 """The set-up every stage shares, so each stage's run_<stage> reads as its own numbered steps:
 refuse a finished or unresumed output directory and seed (`begin_stage`), put a model in training
-mode (`make_trainable`), and plan the steps, build optimizer + schedule + engine and restore a saved
-state (`prepare_training`)."""
+mode (`make_trainable`), plan the steps, build optimizer + schedule + engine and restore a saved
+state (`prepare_training`), and stop on Ctrl-C between steps only (`StepInterrupts`)."""
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -65,3 +67,42 @@ def prepare_training(model, config, n_items: int, out: Path, config_dict: dict, 
         log.info("resuming from %s (step %d of %d)", state_dir, position.step, plan.total_steps)
     save_state = partial(plan.save_state, out, engine=engine, config=config_dict, data_hash=data_hash)
     return Training(plan, engine, position, save_state)
+
+
+class StepInterrupts:
+    """Ctrl-C during a training loop takes effect between steps, so the state saved on the way out
+    is exactly that of the steps finished. A PPO step makes several optimizer updates (and moves the
+    adaptive β): interrupted between two of them, the weights would be half a step ahead of the step
+    counter saved with them, and the resumed run would differ from an uninterrupted one.
+
+    The first SIGINT is held until `at_step_end()`, which raises KeyboardInterrupt there; a second one
+    aborts at once (`whole_steps` False: the caller saves nothing; resume from the last saved state).
+    Installed only over Python's default SIGINT handler in the main thread (`feedloop train`); a
+    process that handles its signals itself (`feedloop loop`) keeps its behaviour. `close()` restores.
+    """
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.requested = False
+        self.whole_steps = True
+        self._installed = (threading.current_thread() is threading.main_thread()
+                           and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self._installed:
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.requested:
+            self.whole_steps = False
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log.warning("interrupted: stopping at the end of this step (Ctrl-C again to stop now without "
+                         "saving it)")
+
+    def at_step_end(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def close(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._installed = False

@@ -162,6 +162,45 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir, reward_dir
     assert [m["score"] for m in ma] == [m["score"] for m in mb]
 
 
+def test_ctrl_c_mid_step_stops_after_the_step_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                                                     reward_dir, monkeypatch):
+    """A real SIGINT lands after a PPO step's updates but before the loop counted the step: the step is
+    finished, saved as step 2, and the resumed run equals an uninterrupted one (before StepInterrupts
+    the state was saved as step 1 with step 2's weights). A second Ctrl-C stops at once, saving nothing."""
+    import os
+    import signal
+
+    import trainer.ppo as ppo_module
+
+    kw = dict(records=prompts(TOPICS[:12]), ptx_coef=0.5, kl_target=1.0, kl_horizon=10, run={"save_every": 0})
+    straight = run_ppo(tiny_ppo_config(tmp_path / "a", tiny_model_dir, reward_dir, **kw))
+    real_step = ppo_module.ppo_step
+
+    def interrupted_step(step, *args, signals=1, **kwargs):
+        out = real_step(step, *args, **kwargs)  # the policy and value model are updated: step + 1's weights
+        if step == 1:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(ppo_module, "ppo_step", interrupted_step)
+    config = tiny_ppo_config(tmp_path / "b", tiny_model_dir, reward_dir, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(config)
+    assert latest_training_state(tmp_path / "b" / "run").name == "step-00000002"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back
+    monkeypatch.setattr(ppo_module, "ppo_step", real_step)
+    resumed = run_ppo(config, resume=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [m["step"] for m in read_metrics(tmp_path / "b" / "run")] == [1, 2, 3]
+
+    monkeypatch.setattr(ppo_module, "ppo_step", lambda *a, **k: interrupted_step(*a, signals=2, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(tiny_ppo_config(tmp_path / "c", tiny_model_dir, reward_dir, **kw))
+    assert latest_training_state(tmp_path / "c" / "run") is None  # stopped now: nothing saved
+
+
 def test_ptx_term_keeps_the_ptx_loss_lower(tmp_path, tiny_model_dir, reward_dir):
     # Same prompts, seed and run length (2 PPO steps); only γ_ptx differs. Both runs measure the ptx loss.
     plain = run_ppo(tiny_ppo_config(tmp_path / "plain", tiny_model_dir, reward_dir, ptx_coef=0.0))
