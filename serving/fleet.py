@@ -401,7 +401,7 @@ class FleetDeployer:
                 except httpx.HTTPError as exc:
                     raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
                 raise_for_reload(m.url, r, done)
-                m.upstream.reported_version = r.json()["model_version"]
+                m.upstream.reloaded_to(r.json()["model_version"])
                 done.append({"url": m.url, **r.json()})
                 log.info("reward worker reloaded", extra={"fl_upstream": m.url, "fl_model_version": version})
         return done

@@ -203,6 +203,7 @@ class Balancer:
         await asyncio.gather(*(self.check(m) for m in list(self.members)))
 
     async def check(self, m: Member) -> None:
+        epoch = m.upstream.version_epoch
         try:
             r = await self.http.get(f"{m.url}/health")
             ok = r.status_code == 200
@@ -213,6 +214,8 @@ class Balancer:
         describe = getattr(m.upstream, "describe", None)  # SGLang: its version is on /model_info
         if ok and describe is not None:
             body = {**(body if isinstance(body, dict) else {}), **(await describe(self.http) or {})}
+        if m.upstream.version_epoch != epoch:  # reloaded while we asked: what we read is stale
+            return
         if ok and isinstance(body, dict) and isinstance(body.get("model_version"), str):
             m.upstream.reported_version = body["model_version"]
         if ok != m.healthy and (m.source is None or m.health_error is not None or ok):

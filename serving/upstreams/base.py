@@ -57,10 +57,18 @@ class Upstream(ABC):
         self.url = url.rstrip("/")
         self.configured_version = model_version
         self.reported_version: str | None = None  # learned from answers and /health
+        # bumped by every reload this gateway makes: a health check that began before one read the
+        # old version and must not overwrite the new one (it would look drifted and be reloaded again)
+        self.version_epoch = 0
 
     @property
     def model_version(self) -> str | None:
         return self.reported_version or self.configured_version
+
+    def reloaded_to(self, version: str | None) -> None:
+        """A reload made by this gateway moved the server to `version`."""
+        self.reported_version = version
+        self.version_epoch += 1
 
     @abstractmethod
     def generate(self, prompt: str, params: SamplingParams, request_id: str) -> AsyncIterator[StepOutput]: ...

@@ -328,8 +328,8 @@ class UpstreamPool(EngineClient):
                             raise RolloutFailed(m.url, f"{type(exc).__name__}: {exc}", done) from None
                         raise_for_reload(m.url, r, done)
                         answer = r.json()
-                    m.upstream.reported_version = answer["model_version"] if canary_percent is None \
-                        else (answer.get("routing") or {}).get("serving", m.upstream.reported_version)
+                    m.upstream.reloaded_to(answer["model_version"] if canary_percent is None
+                                           else (answer.get("routing") or {}).get("serving", m.upstream.reported_version))
                     if m.health_body is not None and "routing" in answer:
                         m.health_body = {**m.health_body, "model_version": m.upstream.reported_version,
                                          "routing": answer["routing"], "model_path": model

@@ -51,9 +51,9 @@ class SGLangUpstream(OpenAIUpstream):
             except ValueError:
                 return None
             version = body.get("weight_version")
-            if isinstance(version, str) and version and version != UNSET_VERSION:
-                self.reported_version = version
-            return {"model_version": self.model_version, "model_path": body.get("model_path")}
+            if not (isinstance(version, str) and version and version != UNSET_VERSION):
+                version = self.model_version  # "default" says nothing: keep what we know
+            return {"model_version": version, "model_path": body.get("model_path")}
         return None
 
     async def reload(self, http: httpx.AsyncClient, model_path: str, version: str, done: list[dict]) -> dict:
@@ -73,7 +73,7 @@ class SGLangUpstream(OpenAIUpstream):
         if r.status_code != 200:
             raise RolloutFailed(self.url, f"{r.status_code} {message}", done)
         previous = self.model_version
-        self.reported_version = version
+        self.reloaded_to(version)
         return {"role": "policy", "model_version": version, "previous": previous, "message": message,
                 "num_paused_requests": answer.get("num_paused_requests")}
 

@@ -1,4 +1,4 @@
-"""The breaker's states and the FEEDLOOP_UPSTREAMS format (no servers)."""
+"""The breaker's states, the FEEDLOOP_UPSTREAMS format, and a stale health check against a reload."""
 from __future__ import annotations
 
 import json
@@ -51,3 +51,44 @@ def test_upstreams_json_and_file(tmp_path):
                 json.dumps({"policy": [{"url": "http://a", "colour": "red"}]})):
         with pytest.raises(ValueError, match="FEEDLOOP_UPSTREAMS"):
             parse_upstreams(bad)
+
+
+async def test_a_health_check_that_read_the_version_before_a_reload_does_not_undo_it():
+    """A worker reloaded while a health check of it was in flight: the check's answer names the old
+    version and must not overwrite the reload's (the fleet would see it drifted and reload it again)."""
+    import asyncio
+    import threading
+
+    from fastapi import FastAPI
+
+    from serving.upstreams.balancer import Balancer, Member
+    from serving.upstreams.config import PoolOptions
+    from serving.upstreams.tgi import TGIUpstream
+    from tests.upstreams.harness import serve_app
+
+    asked, answer = threading.Event(), threading.Event()
+    app = FastAPI()
+
+    @app.get("/health")
+    async def health() -> dict:
+        asked.set()
+        while not answer.is_set():  # the version is read now; the answer leaves later
+            await asyncio.sleep(0.01)
+        return {"status": "ok", "model_version": "v1"}
+
+    with serve_app(app) as url:
+        options = PoolOptions()
+        member = Member(TGIUpstream(url, None), options)
+        balancer = Balancer([member], options, "policy")
+        check = asyncio.create_task(balancer.check(member))
+        await asyncio.to_thread(asked.wait, 10)
+        member.upstream.reloaded_to("v2")  # the reload answered while the check waits
+        answer.set()
+        await check
+        assert member.version == "v2"
+        answer.clear()
+        answer.set()
+        await balancer.check(member)  # a check begun after the reload is believed
+        assert member.version == "v1"
+        await balancer.stop()
+        await member.upstream.aclose()
