@@ -12,7 +12,7 @@ import json
 
 from feedback.store.registry import RegistryError
 from serving.models_cli import ACTOR, _table, _with_registry, store_command
-from serving.upstreams.config import spec_problem
+from serving.upstreams.config import pool_spec_problem
 
 COLUMNS = ["name", "role", "kind", "url", "discovery", "model_version", "actor", "created_at"]
 
@@ -65,14 +65,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from serving.upstreams.config import UpstreamSpec
-
-    problem = None
-    try:  # the gateway's own check of a spec (e.g. an SRV name without a port), before anything is written
-        UpstreamSpec(url=args.url, kind=args.kind, model_version=args.model_version, model=args.model,
-                     discovery=args.discovery)
-    except ValueError as exc:
-        problem = spec_problem(exc)
+    problem = pool_spec_problem(args.url, args.kind, args.model_version, args.model, args.discovery)
 
     def action(registry) -> int:
         if problem is not None:

@@ -151,7 +151,13 @@ def spec_from_pool(pool) -> UpstreamSpec:
                         api_key=api_key, discovery=pool.discovery)
 
 
-def spec_problem(exc: ValueError) -> str:
-    """What a failed UpstreamSpec validation says, as one sentence (pydantic's messages, unprefixed)."""
-    errors = getattr(exc, "errors", None)
-    return "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if errors else str(exc)
+def pool_spec_problem(url: str, kind: str, model_version: str | None, model: str | None,
+                      discovery: str | None) -> str | None:
+    """What the gateway would refuse in a pool about to be registered (e.g. an SRV name with a port),
+    as one sentence; None if it can use it. Checked before anything is written to the store."""
+    try:
+        UpstreamSpec(url=url, kind=kind, model_version=model_version, model=model, discovery=discovery)
+    except ValueError as exc:
+        errors = getattr(exc, "errors", None)
+        return "; ".join(e["msg"].removeprefix("Value error, ") for e in errors()) if errors else str(exc)
+    return None

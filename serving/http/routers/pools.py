@@ -49,13 +49,11 @@ async def list_pools(services: ServicesDep) -> JSONResponse:
 @router.post("", status_code=201)
 async def add_pool(body: PoolRequest, services: ServicesDep) -> JSONResponse:
     """Register a pool; gateways add its servers once they pass their health check."""
-    from serving.upstreams.config import UpstreamSpec, spec_problem
+    from serving.upstreams.config import pool_spec_problem
 
-    try:  # the gateway's own check of the spec (e.g. SRV names) before anything is written
-        UpstreamSpec(url=body.url, kind=body.kind, model_version=body.model_version, model=body.model,
-                     discovery=body.discovery)
-    except ValueError as exc:
-        raise HTTPException(422, spec_problem(exc)) from None
+    problem = pool_spec_problem(body.url, body.kind, body.model_version, body.model, body.discovery)
+    if problem is not None:
+        raise HTTPException(422, problem)
     fields = body.model_dump(exclude={"name", "reason"})
     record = await _registry_call(_pools(services).add, body.name, **fields, actor=ACTOR, reason=body.reason)
     log.info("pool registered", extra={"fl_registered_pool": body.name, "fl_actor": ACTOR})
