@@ -65,6 +65,13 @@ class EventRecorder:
             self._dropped_since_log += 1
             return False
 
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every event queued so far has been published (or dropped); True if it was
+        within `timeout` seconds. For a graceful step that must not race the recorder thread."""
+        done = self._queue.all_tasks_done
+        with done:
+            return done.wait_for(lambda: self._queue.unfinished_tasks == 0, timeout)
+
     def close(self, timeout: float = 10.0) -> bool:
         """Publish what is queued (up to `timeout` seconds), then stop the thread. True if drained.
         The publisher itself belongs to whoever built it (it may be shared), so it stays open."""
@@ -81,16 +88,22 @@ class EventRecorder:
         while True:
             item = self._queue.get()
             if item is _STOP:
+                self._queue.task_done()
                 return
-            topic, make = item
             try:
-                key, value, headers = make()
-                self.publisher.publish(topic, key, value, headers)
-            except Exception:
-                self.metrics.dropped.labels(topic, "publish_error").inc()
-                log.exception("could not record an event", extra={"fl_topic": topic})
-                continue
-            self.metrics.published.labels(topic).inc()
-            if self._dropped_since_log:
-                log.warning("event recorder caught up", extra={"fl_dropped": self._dropped_since_log})
-                self._dropped_since_log = 0
+                self._publish(*item)
+            finally:
+                self._queue.task_done()  # what flush() waits on
+
+    def _publish(self, topic: str, make: EventFactory) -> None:
+        try:
+            key, value, headers = make()
+            self.publisher.publish(topic, key, value, headers)
+        except Exception:
+            self.metrics.dropped.labels(topic, "publish_error").inc()
+            log.exception("could not record an event", extra={"fl_topic": topic})
+            return
+        self.metrics.published.labels(topic).inc()
+        if self._dropped_since_log:
+            log.warning("event recorder caught up", extra={"fl_dropped": self._dropped_since_log})
+            self._dropped_since_log = 0

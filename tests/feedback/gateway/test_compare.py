@@ -165,6 +165,8 @@ def test_compare_answers_each_on_the_version_it_names(two_versions):
 def test_compare_refuses_versions_that_are_not_loaded(two_versions, versions, message):
     gateway, serving, canary = two_versions
     versions = [{"SERVING": serving, "CANARY": canary}.get(v, v) for v in versions]
+    # the recorder publishes on its own thread: the earlier tests' completions must be in before counting
+    assert gateway.services.recorder.flush()
     before = len(gateway.completion_events())
     r = compare(gateway, prompt="compare: not loaded", n=2, max_tokens=4, model_versions=versions)
     assert r.status_code == 422, r.text
@@ -173,7 +175,7 @@ def test_compare_refuses_versions_that_are_not_loaded(two_versions, versions, me
         assert serving in r.json()["error"]["message"] and canary in r.json()["error"]["message"]
     engine = gateway.services.engine
     assert engine.stats()["queue_size"] == 0 and engine.stats()["batch_size"] == 0  # nothing was started
-    assert len(gateway.completion_events()) == before
+    assert gateway.services.recorder.flush() and len(gateway.completion_events()) == before
 
 
 async def test_grpc_compare_names_versions(two_versions):

@@ -67,6 +67,24 @@ def test_a_failing_publish_is_counted_and_the_recorder_goes_on():
     assert sample(registry, "feedloop_events_dropped_total", topic="t", reason="publish_error") == 1
 
 
+def test_flush_waits_for_the_events_queued_so_far():
+    registry, publisher = CollectorRegistry(), StuckPublisher()
+    recorder = EventRecorder(publisher, RecorderMetrics(registry))
+    for value in (b"a", b"b"):
+        recorder.record("t", lambda v=value: (None, v, {}))
+    assert publisher.entered.wait(5)
+    assert not recorder.flush(timeout=0.2) and len(publisher.events) == 0  # "a" is still inside publish
+    publisher.release.set()
+    assert recorder.flush(timeout=5) and [v for _, _, v, _ in publisher.events] == [b"a", b"b"]
+
+    def unbuildable():
+        raise ValueError("cannot serialise")
+    recorder.record("t", unbuildable)  # an event that fails still counts as handled: flush does not hang
+    assert recorder.flush(timeout=5)
+    assert sample(registry, "feedloop_events_dropped_total", topic="t", reason="publish_error") == 1
+    assert recorder.close(timeout=5)
+
+
 async def test_requests_stay_fast_while_the_publisher_sleeps(tiny_services):
     publisher = MemoryPublisher(delay=2.0)  # two seconds per event: far slower than the answers
     services = recording_services(tiny_services, publisher, recorder_queue_size=1)
