@@ -268,7 +268,7 @@ def make_marker_reward_model(policy_dir: Path, out_dir: Path, marker_id: int, sc
     return out_dir
 
 
-def test_ppo_learns_a_synthetic_preference_within_a_kl_budget(tmp_path, tiny_model_dir):
+def test_ppo_learns_a_synthetic_preference_and_the_kl_leash_holds_it_near_the_reference(tmp_path, tiny_model_dir):
     import random
 
     from transformers import AutoTokenizer
@@ -278,26 +278,33 @@ def test_ppo_learns_a_synthetic_preference_within_a_kl_budget(tmp_path, tiny_mod
 
     # The InstructGPT pipeline in miniature. SFT: answers are "ok" + 6 words drawn uniformly from WORDS,
     # so the SFT policy writes the marker word about once per answer. RM: scores the share of marker
-    # tokens (constructed, above). PPO from the SFT policy, reference = SFT, 12 steps of 8 rollouts.
-    # RL on 8 rollouts a step is noisy, and the same seed takes another path on another CPU: with 9
-    # steps one machine reached 1.71 → 23.2 (KL 7.4), an AMD EPYC 2.58 → 7.96 (seeds 1, 2: 16.9). With
-    # 12 steps on that EPYC (~50 s): seeds 0, 1, 2 → 16.8, 23.1, 24.0 with KL 6.1, 9.5, 9.4 nats.
+    # tokens (constructed, above). PPO from the SFT policy, reference = SFT, 12 steps of 8 rollouts,
+    # twice from the same seed: with the recipe's β = 0.02 and with a leash 250× tighter (β = 5).
+    # RL on 8 rollouts a step is noisy and the same seed takes another path on another CPU, so the KL
+    # the loose run reaches varies (seeds 0, 1, 2: 6.1, 9.5, 9.4 nats on an AMD EPYC; 12.5, 9.1, 4.6 on
+    # an Intel Xeon, where its score went 1.7 → 38.3, 25.8, 17.8): an absolute KL bound failed on one
+    # CPU or the other. The tight run from the same seed is the comparison that holds: its KL was 0.13,
+    # 0.22, 0.30 of the loose run's (1.6, 2.0, 1.4 nats, Xeon, seeds 0, 1, 2).
     rng = random.Random(0)
     demos = [{"prompt": f"Tell me about {rng.choice(TOPICS)}.", "response": "ok" + "".join(rng.choice(WORDS) for _ in range(6))}
              for _ in range(48)]
     sft = run_sft(tiny_sft_config(tmp_path / "sft", tiny_model_dir, records=demos, epochs=10, run={"save_every": 0}))
     (marker_id,) = AutoTokenizer.from_pretrained(sft).encode(MARKER, add_special_tokens=False)
     reward_dir = make_marker_reward_model(sft, tmp_path / "marker-rm", marker_id)
-    config = tiny_ppo_config(tmp_path / "ppo", sft, reward_dir, records=prompts((TOPICS * 2)[:24]), epochs=4,
-                             optim={"lr": 5e-4}, data={"batch_size": 8, "mini_batch_size": 4}, run={"save_every": 0})
-    path = run_ppo(config)
+
+    def ppo(name: str, beta: float) -> Path:
+        config = tiny_ppo_config(tmp_path / name, sft, reward_dir, records=prompts((TOPICS * 2)[:24]), epochs=4,
+                                 init_kl_coef=beta, optim={"lr": 5e-4}, data={"batch_size": 8, "mini_batch_size": 4},
+                                 run={"save_every": 0})
+        return run_ppo(config)
 
     # Fresh rollouts by the engine on held-out prompts, with seeds of their own, before and after.
     words = TOPICS[8:]
     before = fresh_rollouts(sft, sft, reward_dir, words, tmp_path / "before")
-    after = fresh_rollouts(path, sft, reward_dir, words, tmp_path / "after")
+    loose = fresh_rollouts(ppo("loose", 0.02), sft, reward_dir, words, tmp_path / "loose-after")
+    tight = fresh_rollouts(ppo("tight", 5.0), sft, reward_dir, words, tmp_path / "tight-after")
     assert before["kl"] == pytest.approx(0.0, abs=1e-4)
-    assert after["score"] > before["score"] + 8, (before, after)
-    # The KL budget: well under what collapsing onto the marker would cost (8 marker tokens where the
-    # SFT policy spreads over 8 words: ≈ 8 · ln 8 ≈ 16.6 nats per sequence).
-    assert 0 < after["kl"] < 12, (before, after)
+    assert loose["score"] > before["score"] + 8, (before, loose)  # it learns the preference
+    # the leash: the same run with a tight β stays far closer to the reference (it pays for a marker
+    # with ≈ β · ln 8 nats of penalty, so it takes fewer)
+    assert 0 < tight["kl"] < 0.5 * loose["kl"], (loose, tight)

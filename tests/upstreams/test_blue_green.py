@@ -169,7 +169,9 @@ def test_registered_pools_come_and_go_without_restarting_the_gateway(tiny_model_
             assert client.post(f"{admin}/models/purple/canary", json={"percent": 50}).status_code == 200
             wait_for(lambda: routing()["canary"] == "purple", "canary routed")
             long: list[httpx.Response] = []
-            streams = [threading.Thread(target=lambda: long.extend(ask(1, tokens=60))) for _ in range(8)]
+            # each request draws its version: 16 of them so that some land on purple (all 16 on green:
+            # 1 in 65536; with 8, one CI run in ~250 failed here)
+            streams = [threading.Thread(target=lambda: long.extend(ask(1, tokens=60))) for _ in range(16)]
             for t in streams:
                 t.start()
             wait_for(lambda: any(m["outstanding"] for m in pools()["purple"]["members"]), "purple streaming")
@@ -179,7 +181,7 @@ def test_registered_pools_come_and_go_without_restarting_the_gateway(tiny_model_
             assert {r.headers["x-model-version"] for r in ask(10)} == {"green"}  # nothing new to purple
             for t in streams:
                 t.join(30)
-            assert len(long) == 8 and all(r.status_code == 200 for r in long), [r.text for r in long]
+            assert len(long) == 16 and all(r.status_code == 200 for r in long), [r.text for r in long]
             on_purple = [r for r in long if r.headers["x-model-version"] == "purple"]
             assert on_purple and all(r.json()["generated_text"] == "purple " * 60 for r in on_purple)  # drained
             wait_for(lambda: gw.store.get_version("purple").status == "rejected", "the canary rolled back")
