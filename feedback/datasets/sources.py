@@ -13,7 +13,8 @@ from typing import Any, Iterator
 
 from sqlalchemy import Connection, Select, func, select
 
-from feedback.store.tables import Comparison, Completion, Demonstration, Ranking, RankingEntry, Rating
+from feedback.store.tables import (NO_PREFERENCE_WINNERS, PREFERENCE_WINNERS, Comparison, Completion, Demonstration,
+                                   Ranking, RankingEntry, Rating)
 
 BATCH = 1000
 # Thumbs make |up| × |down| pairs per prompt; a prompt rated thousands of times would otherwise
@@ -114,7 +115,7 @@ def _from_comparisons(connection: Connection) -> Iterator[Record]:
         a.c.response.label("response_a"), b.c.response.label("response_b"),
     ).select_from(comparisons.join(a, a.c.completion_id == comparisons.c.completion_a)
                   .join(b, b.c.completion_id == comparisons.c.completion_b))
-        .where(comparisons.c.winner.in_(("a", "b"))).order_by(comparisons.c.id))
+        .where(comparisons.c.winner.in_(PREFERENCE_WINNERS)).order_by(comparisons.c.id))
     for row in rows:
         texts = [row.response_a, row.response_b] if row.winner == "a" else [row.response_b, row.response_a]
         yield from _emit(_group(row.prompt_key, _prompt(row.prompt_text, row.prompt_chat), texts, "comparison"))
@@ -160,7 +161,7 @@ def _from_demonstrations(connection: Connection) -> Iterator[Record]:
 def comparisons_left_out(connection: Connection) -> dict[str, int]:
     """How many comparisons carried no preference (reported in the snapshot's counts)."""
     rows = stream(connection, select(comparisons.c.winner, func.count())
-                  .where(comparisons.c.winner.in_(("tie", "both_bad"))).group_by(comparisons.c.winner))
+                  .where(comparisons.c.winner.in_(NO_PREFERENCE_WINNERS)).group_by(comparisons.c.winner))
     return {f"comparisons_{winner}": count for winner, count in rows}
 
 

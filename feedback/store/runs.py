@@ -11,7 +11,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from feedback.store.store import FeedbackStore
-from feedback.store.tables import RUN_STATUSES, Comparison, Demonstration, Ranking, Rating, TrainingRun
+from feedback.store.tables import (NO_PREFERENCE_WINNERS, PREFERENCE_WINNERS, RUN_STATUSES, Comparison, Demonstration,
+                                   Ranking, Rating, TrainingRun)
 from feedback.store.types import utcnow
 
 FINISHED = ("succeeded", "canary", "promoted", "rejected")  # a run that used its data (failed runs did not)
@@ -81,16 +82,27 @@ class TrainingRuns:
                                         .limit(limit)).scalars())
 
     def feedback_since(self, since: datetime | None, until: datetime | None = None) -> dict[str, int]:
-        """Feedback rows ingested in (since, until]: demonstrations, comparisons, rankings, ratings."""
+        """Feedback rows ingested in (since, until]: demonstrations, comparisons, rankings, ratings.
+        `comparisons` counts those with a winner; ties and both_bad say nothing the reward model can
+        learn (the export leaves them out), so they are counted apart, as `comparisons_without_preference`,
+        and do not bring a run closer: users who tie most pairs would otherwise start runs on a
+        fraction of the preferences `min_preferences` asks for."""
         counts = {}
         with self.engine.connect() as connection:
-            for name, table in FEEDBACK_TABLES.items():
-                query = select(func.count()).select_from(table)
+            def count(table, *where) -> int:
+                query = select(func.count()).select_from(table).where(*where)
                 if since is not None:
                     query = query.where(table.ingested_at > since)
                 if until is not None:
                     query = query.where(table.ingested_at <= until)
-                counts[name] = connection.execute(query).scalar_one()
+                return connection.execute(query).scalar_one()
+
+            for name, table in FEEDBACK_TABLES.items():
+                if table is Comparison:
+                    counts[name] = count(table, Comparison.winner.in_(PREFERENCE_WINNERS))
+                    counts[f"{name}_without_preference"] = count(table, Comparison.winner.in_(NO_PREFERENCE_WINNERS))
+                else:
+                    counts[name] = count(table)
         return counts
 
 

@@ -30,6 +30,8 @@ NAMING_CONVENTION = {
 
 MODEL_STATUSES = ("candidate", "canary", "serving", "rejected", "retired")
 MODEL_ROLES = ("policy", "reward")
+PREFERENCE_WINNERS = ("a", "b")  # a comparison's winners that say which answer is better
+NO_PREFERENCE_WINNERS = ("tie", "both_bad")  # left out of the reward model's data
 RUN_STATUSES = ("running", "succeeded", "canary", "promoted", "rejected", "failed")
 
 

@@ -16,8 +16,8 @@ class LoopConfig:
     """Scheduled retraining: thresholds, stage recipes, gates and promotion."""
 
     poll_seconds: float = param(10.0, "how often the loop looks at the store for new feedback")
-    min_preferences: int = param(50, "new comparisons + rankings + thumbs that trigger an RM refresh and a "
-                                      "policy update")
+    min_preferences: int = param(50, "new comparisons with a winner (ties and both_bad do not count) + rankings "
+                                      "+ thumbs that trigger an RM refresh and a policy update")
     min_demonstrations: int = param(20, "new demonstrations that trigger an SFT run")
     max_interval_seconds: float | None = param(None, "also run when this long has passed since the last run "
                                                      "and any new feedback arrived; null: thresholds only")

@@ -8,6 +8,7 @@ import pytest
 from feedback.store.runs import TrainingRuns
 from feedback.store.types import utcnow
 from tests.feedback.store.events import comparison, rating, served
+from trainer.loop.plan import preferences
 
 
 def test_a_run_records_its_progress_and_the_active_one_is_found(store):
@@ -38,8 +39,13 @@ def test_feedback_is_counted_by_ingestion_time(store):
     runs = TrainingRuns(store)
     before = utcnow() - timedelta(seconds=1)
     store.write_events([served("c1"), served("c2", response="5"), rating("c1", 1),
-                        comparison("c1", "c2", "a")])
+                        comparison("c1", "c2", "a"), comparison("c1", "c2", "b"),
+                        comparison("c1", "c2", "tie"), comparison("c1", "c2", "both_bad")])
     counts = runs.feedback_since(before)
-    assert counts == {"demonstrations": 0, "comparisons": 1, "rankings": 0, "ratings": 1}
-    assert runs.feedback_since(utcnow()) == {"demonstrations": 0, "comparisons": 0, "rankings": 0, "ratings": 0}
-    assert runs.feedback_since(None)["comparisons"] == 1
+    # ties and both_bad carry no preference: counted apart, not towards min_preferences
+    assert counts == {"demonstrations": 0, "comparisons": 2, "comparisons_without_preference": 2, "rankings": 0,
+                      "ratings": 1}
+    assert preferences(counts) == 3
+    assert runs.feedback_since(utcnow()) == {"demonstrations": 0, "comparisons": 0, "comparisons_without_preference": 0,
+                                             "rankings": 0, "ratings": 0}
+    assert runs.feedback_since(None)["comparisons"] == 2
