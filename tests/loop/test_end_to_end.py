@@ -71,12 +71,16 @@ def wait_for(predicate, timeout: float, what: str, process: subprocess.Popen):
 def test_feedback_retrains_and_hot_swaps_the_policy_with_no_failed_request(tmp_path, word_policy):
     data_dir, port = tmp_path / "data", free_port()
     url = f"http://127.0.0.1:{port}"
-    # min_preferences counts comparisons with a winner: the rule ties ~58 % of pairs (both or neither
-    # answer has the marker), so 160 comparisons give ~67 preferences, enough for a second run should
-    # the first (at 30) be rejected by its small held-out gates.
+    # min_preferences counts comparisons with a winner: the rule ties ~58 % of pairs (as many markers
+    # in both answers), so 160 comparisons give ~65 preferences: a run at 30, room for a second.
+    # The RM gates are off here: a tiny RM refreshed on ~20 noisy pairs is at chance (held-out accuracy
+    # 0.2-0.83 on 10-20 pairs over a dozen exports, 0.44 with the labels cleaned), so rm_accuracy, and
+    # win_rate judged by that RM, decided promotion by coin flip and runs were rejected by turns. What
+    # they guard is measured below with the rule itself (step 4); their pass/fail logic is tested in
+    # tests/trainer/test_gates.py and tests/loop/test_loop.py.
     recipes = tiny_recipes(tmp_path / "recipes", policy_stage="dpo", min_preferences=30, poll_seconds=1,
-                           gates={"rm_accuracy_margin": 0.05, "min_win_rate": 0.5, "kl_budget": 50.0,
-                                  "ptx_margin": 1.0, "heldout_prompts": 16})
+                           gates={"rm_accuracy_margin": None, "min_win_rate": None, "kl_budget": 50.0,
+                                  "ptx_margin": 1.0, "heldout_prompts": 16, "samples_per_prompt": 4})
     dpo = tmp_path / "recipes" / "dpo.yaml"
     dpo.write_text(dpo.read_text().replace("epochs: 1", "epochs: 3"))
     argv = [sys.executable, "-m", "serving.cli", "up", "--model", str(word_policy), "--data-dir", str(data_dir),
@@ -95,13 +99,14 @@ def test_feedback_retrains_and_hot_swaps_the_policy_with_no_failed_request(tmp_p
         assert load["versions"].get(old, 0) > 0 and load["versions"].get(new, 0) > 0, load["versions"]
         # 2. answers to requests sent after the first new-version answer all carry the new version
         assert load["old_after_swap"] == 0, load
-        # 3. the run report holds every gate's value
+        # 3. the run that made it was promoted, and its report holds each gate's status and value
         store = FeedbackStore(f"sqlite:///{data_dir / 'feedloop.db'}")
-        run = TrainingRuns(store).latest()
-        assert run.status == "promoted" and run.policy_version == new, (run.status, run.error)
+        (run,) = [r for r in TrainingRuns(store).list() if r.policy_version == new]
+        assert run.status == "promoted", (run.status, run.error)
         gates = {g["name"]: g for g in run.report["gates"]}
-        assert set(gates) == {"rm_accuracy", "win_rate", "kl", "ptx"}
-        assert all(g["status"] == "passed" and isinstance(g["value"], float) for g in gates.values()), gates
+        assert {n: g["status"] for n, g in gates.items()} == {
+            "rm_accuracy": "disabled", "win_rate": "disabled", "kl": "passed", "ptx": "passed"}, gates
+        assert all(isinstance(gates[n]["value"], float) for n in ("kl", "ptx")), gates
         new_dir = Path(store.get_version(new).checkpoint_path)
         assert ModelRegistry(store).deployment("policy").serving_version == new
         store.close()

@@ -14,7 +14,14 @@ def test_ranking_loss_by_hand_with_different_k():
     # B: margin −1 → ln(1 + e) = 1.313262.  Each prompt weighs ½: (0.162926 + 1.313262)/2 = 0.738094
     assert_close(ranking_loss(rewards, mask), torch.tensor(0.738094))
     # accuracy over pairs: A 3 of 3, B 0 of 1 → 3/4
-    assert_close(pairwise_accuracy(rewards, mask), torch.tensor(0.75))
+    assert_close(pairwise_accuracy(rewards, mask), torch.tensor(0.75, dtype=torch.float64))
+
+
+def test_accuracy_is_exact_for_gate_thresholds():
+    # 9 of 20 pairs right: exactly 0.45, which a gate "accuracy >= chance - 0.05" must accept
+    rewards = torch.tensor([[1.0, 0.0]] * 9 + [[0.0, 1.0]] * 11)
+    accuracy = pairwise_accuracy(rewards, torch.ones(20, 2, dtype=torch.bool)).item()
+    assert accuracy == 9 / 20 and accuracy >= 0.5 - 0.05
 
 
 def test_explicit_ranks_and_ties():
