@@ -11,6 +11,7 @@ import argparse
 import json
 
 from feedback.store.registry import RegistryError
+from feedback.store.tables import MODEL_ROLES, UPSTREAM_KINDS
 from serving.models_cli import ACTOR, _table, _with_registry, store_command
 from serving.upstreams.config import pool_spec_problem
 
@@ -26,14 +27,14 @@ def add_pools_commands(subparsers) -> None:
         return store_command(commands, name, help)
 
     p = command("list", "registered pools, oldest first")
-    p.add_argument("--role", choices=("policy", "reward"))
+    p.add_argument("--role", choices=MODEL_ROLES)
     p.set_defaults(func=run_list)
 
     p = command("add", "register a pool: gateways add its servers once they pass their health check")
     p.add_argument("name", help="a DNS label, e.g. tgi-v3 (pools are immutable: a change is a new name)")
     p.add_argument("--url", required=True, help="base URL; with --discovery, the headless Service's name")
-    p.add_argument("--kind", choices=("feedloop", "tgi", "openai", "sglang"), required=True)
-    p.add_argument("--role", choices=("policy", "reward"), default="policy")
+    p.add_argument("--kind", choices=UPSTREAM_KINDS, required=True)
+    p.add_argument("--role", choices=MODEL_ROLES, default="policy")
     p.add_argument("--model-version", help="the version its servers serve (required for tgi and openai)")
     p.add_argument("--discovery", choices=("dns", "srv"), help="members are the name's A/AAAA or SRV records")
     p.add_argument("--model", help="model name OpenAI-compatible servers expect (default: their first)")
